@@ -1,0 +1,469 @@
+//! Tally's single writer. One thread owns the ledger state; requests arrive on a bounded
+//! queue; the writer applies a batch of them in order, hands the batch to the committer
+//! thread, which makes it durable in one transaction and only then answers every request
+//! in it. While one batch is being committed the writer applies the next, so the disk
+//! and the state machine work at the same time; answers still leave strictly in order.
+
+mod clock;
+
+pub use clock::{Clock, ManualClock, SystemClock};
+
+use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender, TrySendError};
+use std::any::Any;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+use tally_ledger::{Command, Receipt, Rejection, Settings, State, Timestamp};
+use tally_store::{encode_snapshot, JournalBatch, Loaded, Store, StoreError};
+
+/// A read: a function of the state, run on the writer thread and answered in order.
+pub type ReadFn = Box<dyn FnOnce(&State) -> Box<dyn Any + Send> + Send>;
+/// How an answer gets back to its caller; called on the committer thread, so it must be quick.
+pub type Reply = Box<dyn FnOnce(Outcome) + Send>;
+pub type Outcome = Result<Answer, EngineError>;
+
+pub enum Request {
+    Command(Command),
+    Read(ReadFn),
+}
+
+pub enum Answer {
+    Receipt(Receipt),
+    Read(Box<dyn Any + Send>),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EngineError {
+    #[error("{0}")]
+    Rejected(Rejection),
+    #[error("the engine's queue is full; retry shortly")]
+    Busy,
+    #[error("storage failed; the batch was not applied: {0}")]
+    Storage(String),
+    #[error("the engine is shutting down")]
+    ShuttingDown,
+}
+
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    /// Requests waiting for the writer; beyond this, submit answers `Busy` at once
+    /// instead of letting a backlog (and its latency) grow without bound.
+    pub queue_capacity: usize,
+    /// Most requests applied and committed as one batch.
+    pub batch_size_max: usize,
+    /// Journaled commands between snapshots; bounds how much a restart replays.
+    pub snapshot_every_commands: u64,
+    pub settings: Settings,
+}
+
+impl Default for EngineConfig {
+    fn default() -> EngineConfig {
+        EngineConfig {
+            queue_capacity: 65_536,
+            batch_size_max: 8_192,
+            snapshot_every_commands: 2_000_000,
+            settings: Settings::default(),
+        }
+    }
+}
+
+/// Counters the engine keeps for benchmarks and health checks.
+#[derive(Default, Debug)]
+pub struct EngineStats {
+    pub batches: AtomicU64,
+    pub requests: AtomicU64,
+    pub journaled_commands: AtomicU64,
+    pub durable_seq: AtomicU64,
+    pub storage_failures: AtomicU64,
+    pub ready: AtomicBool,
+}
+
+enum Message {
+    Request(Request, Option<Reply>),
+    Shutdown,
+}
+
+enum CommitMessage {
+    Batch(Batch),
+    Snapshot(u64, Vec<u8>),
+    Reload(Sender<Result<Loaded, StoreError>>),
+    Stop,
+}
+
+struct Entry {
+    /// The command, kept only when it changed the state and so goes to the journal.
+    journaled: Option<Command>,
+    outcome: Outcome,
+    reply: Option<Reply>,
+}
+
+struct Batch {
+    seq: u64,
+    at: Timestamp,
+    entries: Vec<Entry>,
+}
+
+/// The cheap, cloneable way in: submit requests, or run them and wait.
+#[derive(Clone)]
+pub struct Handle {
+    queue: Sender<Message>,
+    stats: Arc<EngineStats>,
+}
+
+impl Handle {
+    /// Queues a request; `reply` is called once with the outcome after it is durable.
+    pub fn submit(&self, request: Request, reply: Reply) -> Result<(), EngineError> {
+        match self.queue.try_send(Message::Request(request, Some(reply))) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full(_)) => Err(EngineError::Busy),
+            Err(TrySendError::Disconnected(_)) => Err(EngineError::ShuttingDown),
+        }
+    }
+
+    /// Runs a command and waits for its durable outcome.
+    pub fn execute(&self, command: Command) -> Result<Receipt, EngineError> {
+        let (sender, receiver) = bounded(1);
+        self.submit(Request::Command(command), Box::new(move |outcome| drop(sender.send(outcome))))?;
+        match receiver.recv().map_err(|_| EngineError::ShuttingDown)?? {
+            Answer::Receipt(receipt) => Ok(receipt),
+            Answer::Read(_) => unreachable!("a command is answered with a receipt"),
+        }
+    }
+
+    /// Reads from the state as of all writes before it, once they are durable.
+    pub fn read<T: Send + 'static>(&self, read: impl FnOnce(&State) -> T + Send + 'static) -> Result<T, EngineError> {
+        let (sender, receiver) = bounded(1);
+        let request = Request::Read(Box::new(move |state| Box::new(read(state)) as Box<dyn Any + Send>));
+        self.submit(request, Box::new(move |outcome| drop(sender.send(outcome))))?;
+        match receiver.recv().map_err(|_| EngineError::ShuttingDown)?? {
+            Answer::Read(value) => Ok(*value.downcast::<T>().expect("read answers with its own type")),
+            Answer::Receipt(_) => unreachable!("a read is answered with a value"),
+        }
+    }
+
+    pub fn stats(&self) -> &EngineStats {
+        &self.stats
+    }
+}
+
+pub struct Engine {
+    handle: Handle,
+    writer: Option<JoinHandle<()>>,
+    committer: Option<JoinHandle<()>>,
+}
+
+/// What happens after each durable commit (for example, waking the history projector).
+pub type OnCommit = Box<dyn Fn(u64) + Send>;
+
+impl Engine {
+    /// Loads the state from `store`, checks it, and starts the writer and committer.
+    pub fn start<S: Store>(
+        mut store: S,
+        clock: Arc<dyn Clock>,
+        config: EngineConfig,
+        on_commit: Option<OnCommit>,
+    ) -> Result<Engine, StoreError> {
+        let loaded = store.load(config.settings)?;
+        tracing::info!(
+            seq = loaded.seq,
+            replayed_batches = loaded.replayed_batches,
+            replayed_commands = loaded.replayed_commands,
+            wallets = loaded.state.wallets.len(),
+            "ledger state loaded"
+        );
+        let stats = Arc::new(EngineStats::default());
+        stats.durable_seq.store(loaded.seq, Ordering::Release);
+        let (queue, requests) = bounded(config.queue_capacity);
+        // Two batches in flight: one committing while the next is applied.
+        let (commits, commit_queue) = bounded(2);
+        let failed = Arc::new(AtomicBool::new(false));
+        let committer = {
+            let (stats, failed) = (stats.clone(), failed.clone());
+            std::thread::Builder::new()
+                .name("tally-committer".into())
+                .spawn(move || run_committer(store, commit_queue, stats, failed, on_commit, config.settings))
+                .expect("spawn committer thread")
+        };
+        let writer = {
+            let stats = stats.clone();
+            let writer = Writer {
+                state: loaded.state,
+                seq: loaded.seq,
+                last_now: Timestamp::MIN,
+                clock,
+                config,
+                commits,
+                failed,
+                stats,
+                since_snapshot: loaded.replayed_commands,
+            };
+            std::thread::Builder::new()
+                .name("tally-writer".into())
+                .spawn(move || writer.run(requests))
+                .expect("spawn writer thread")
+        };
+        stats.ready.store(true, Ordering::Release);
+        Ok(Engine { handle: Handle { queue, stats }, writer: Some(writer), committer: Some(committer) })
+    }
+
+    pub fn handle(&self) -> Handle {
+        self.handle.clone()
+    }
+
+    /// Stops taking requests, answers everything already queued, writes a snapshot and
+    /// waits for both threads.
+    pub fn shutdown(mut self) {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        if let Some(writer) = self.writer.take() {
+            // A blocking send: shutdown waits its turn behind queued requests.
+            let _ = self.handle.queue.send(Message::Shutdown);
+            let _ = writer.join();
+        }
+        if let Some(committer) = self.committer.take() {
+            let _ = committer.join();
+        }
+        self.handle.stats.ready.store(false, Ordering::Release);
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+struct Writer {
+    state: State,
+    seq: u64,
+    last_now: Timestamp,
+    clock: Arc<dyn Clock>,
+    config: EngineConfig,
+    commits: Sender<CommitMessage>,
+    failed: Arc<AtomicBool>,
+    stats: Arc<EngineStats>,
+    since_snapshot: u64,
+}
+
+/// The longest the writer sleeps without looking at the clock, so expiry runs on time
+/// even when no request arrives.
+const IDLE_WAKE_MAX: Duration = Duration::from_millis(50);
+
+impl Writer {
+    fn now(&mut self) -> Timestamp {
+        // Time never runs backwards inside the ledger, whatever the wall clock does.
+        self.last_now = self.last_now.max(self.clock.now());
+        self.last_now
+    }
+
+    fn run(mut self, requests: Receiver<Message>) {
+        let mut shutting_down = false;
+        while !shutting_down {
+            if self.failed.load(Ordering::Acquire) {
+                self.recover();
+            }
+            let wait = match self.state.next_due() {
+                Some(due) => Duration::from_millis(due.saturating_sub(self.clock.now()).clamp(0, 50) as u64),
+                None => IDLE_WAKE_MAX,
+            };
+            let first = match requests.recv_timeout(wait) {
+                Ok(message) => Some(message),
+                Err(RecvTimeoutError::Timeout) => None,
+                Err(RecvTimeoutError::Disconnected) => break,
+            };
+            let now = self.now();
+            let mut entries = Vec::new();
+            if self.state.next_due().is_some_and(|due| due <= now) {
+                self.apply(Request::Command(Command::Tick), None, now, &mut entries);
+            }
+            let mut next = first;
+            while let Some(message) = next {
+                match message {
+                    Message::Request(request, reply) => self.apply(request, reply, now, &mut entries),
+                    Message::Shutdown => {
+                        shutting_down = true;
+                        // Answer what is already queued; later senders see the closed queue.
+                        while let Ok(Message::Request(request, reply)) = requests.try_recv() {
+                            self.apply(request, reply, now, &mut entries);
+                        }
+                        break;
+                    }
+                }
+                if entries.len() >= self.config.batch_size_max {
+                    break;
+                }
+                next = requests.try_recv().ok();
+            }
+            if !entries.is_empty() {
+                self.send_batch(now, entries);
+            }
+            if self.since_snapshot >= self.config.snapshot_every_commands || (shutting_down && self.since_snapshot > 0) {
+                self.snapshot();
+            }
+        }
+        let _ = self.commits.send(CommitMessage::Stop);
+    }
+
+    fn apply(&mut self, request: Request, reply: Option<Reply>, now: Timestamp, entries: &mut Vec<Entry>) {
+        let (journaled, outcome) = match request {
+            Request::Command(command) => match self.state.apply(&command, now) {
+                Ok(receipt) => {
+                    let changed = match &receipt {
+                        Receipt::Replayed(_) => false,
+                        Receipt::Expired { holds, operations, keys_pruned } => {
+                            !holds.is_empty() || !operations.is_empty() || *keys_pruned > 0
+                        }
+                        _ => true,
+                    };
+                    (changed.then_some(command), Ok(Answer::Receipt(receipt)))
+                }
+                Err(rejection) => (None, Err(EngineError::Rejected(rejection))),
+            },
+            Request::Read(read) => (None, Ok(Answer::Read(read(&self.state)))),
+        };
+        if journaled.is_some() {
+            self.since_snapshot += 1;
+        }
+        if journaled.is_none() && reply.is_none() {
+            return;
+        }
+        entries.push(Entry { journaled, outcome, reply });
+    }
+
+    fn send_batch(&mut self, now: Timestamp, entries: Vec<Entry>) {
+        let journals = entries.iter().any(|entry| entry.journaled.is_some());
+        if journals {
+            self.seq += 1;
+        }
+        self.stats.batches.fetch_add(1, Ordering::Relaxed);
+        self.stats.requests.fetch_add(entries.len() as u64, Ordering::Relaxed);
+        let batch = Batch { seq: if journals { self.seq } else { 0 }, at: now, entries };
+        if self.commits.send(CommitMessage::Batch(batch)).is_err() {
+            tracing::error!("committer stopped; requests in the batch are dropped unanswered");
+        }
+    }
+
+    fn snapshot(&mut self) {
+        let encoded = encode_snapshot(&self.state);
+        tracing::info!(seq = self.seq, bytes = encoded.len(), "snapshot taken");
+        let _ = self.commits.send(CommitMessage::Snapshot(self.seq, encoded));
+        self.since_snapshot = 0;
+    }
+
+    /// After a failed commit: memory may be ahead of disk, so it is replaced by the
+    /// last durable state, loaded again from storage.
+    fn recover(&mut self) {
+        tracing::warn!("a commit failed; reloading the last durable state");
+        let (sender, receiver) = bounded(1);
+        if self.commits.send(CommitMessage::Reload(sender)).is_err() {
+            return;
+        }
+        match receiver.recv() {
+            Ok(Ok(loaded)) => {
+                self.state = loaded.state;
+                self.seq = loaded.seq;
+                self.since_snapshot = loaded.replayed_commands;
+            }
+            Ok(Err(error)) => panic!("the durable state cannot be reloaded: {error}"),
+            Err(_) => {}
+        }
+    }
+}
+
+/// How long the committer waits between attempts to reload after a storage failure.
+const RELOAD_RETRY: Duration = Duration::from_millis(500);
+/// Attempts to reload before giving up; the process then stops rather than serve stale state.
+const RELOAD_ATTEMPTS_MAX: u32 = 120;
+
+fn run_committer<S: Store>(
+    mut store: S,
+    queue: Receiver<CommitMessage>,
+    stats: Arc<EngineStats>,
+    failed: Arc<AtomicBool>,
+    on_commit: Option<OnCommit>,
+    settings: Settings,
+) {
+    for message in queue {
+        match message {
+            CommitMessage::Batch(batch) => {
+                let result = if failed.load(Ordering::Acquire) {
+                    Err("an earlier batch failed to commit".to_string())
+                } else if batch.seq == 0 {
+                    Ok(())
+                } else {
+                    let entries = batch
+                        .entries
+                        .iter()
+                        .filter_map(|entry| match (&entry.journaled, &entry.outcome) {
+                            (Some(command), Ok(Answer::Receipt(receipt))) => Some((command, receipt)),
+                            _ => None,
+                        })
+                        .collect();
+                    let journal = JournalBatch { seq: batch.seq, at: batch.at, entries };
+                    store.commit(&journal).map_err(|error| error.to_string())
+                };
+                match result {
+                    Ok(()) => {
+                        if batch.seq != 0 {
+                            stats.durable_seq.store(batch.seq, Ordering::Release);
+                            stats.journaled_commands.fetch_add(
+                                batch.entries.iter().filter(|e| e.journaled.is_some()).count() as u64,
+                                Ordering::Relaxed,
+                            );
+                            if let Some(on_commit) = &on_commit {
+                                on_commit(batch.seq);
+                            }
+                        }
+                        for entry in batch.entries {
+                            if let Some(reply) = entry.reply {
+                                reply(entry.outcome);
+                            }
+                        }
+                    }
+                    Err(error) => {
+                        if !failed.swap(true, Ordering::AcqRel) {
+                            tracing::error!(%error, seq = batch.seq, "commit failed");
+                            stats.storage_failures.fetch_add(1, Ordering::Relaxed);
+                            stats.ready.store(false, Ordering::Release);
+                        }
+                        for entry in batch.entries {
+                            if let Some(reply) = entry.reply {
+                                reply(Err(EngineError::Storage(error.clone())));
+                            }
+                        }
+                    }
+                }
+            }
+            CommitMessage::Snapshot(seq, encoded) => {
+                if !failed.load(Ordering::Acquire) {
+                    if let Err(error) = store.write_snapshot(seq, &encoded) {
+                        tracing::warn!(%error, seq, "snapshot not written; the journal still holds everything");
+                    }
+                }
+            }
+            CommitMessage::Reload(answer) => {
+                let mut attempt = 0;
+                let loaded = loop {
+                    attempt += 1;
+                    match store.load(settings) {
+                        Ok(loaded) => break Ok(loaded),
+                        Err(error) if attempt >= RELOAD_ATTEMPTS_MAX => break Err(error),
+                        Err(error) => {
+                            tracing::warn!(%error, attempt, "reload failed; retrying");
+                            std::thread::sleep(RELOAD_RETRY);
+                        }
+                    }
+                };
+                if loaded.is_ok() {
+                    failed.store(false, Ordering::Release);
+                    stats.ready.store(true, Ordering::Release);
+                }
+                let _ = answer.send(loaded);
+            }
+            CommitMessage::Stop => break,
+        }
+    }
+}

@@ -1,0 +1,321 @@
+//! What the ledger is asked to do (commands) and what it answers (receipts and
+//! operations). Commands are plain data so the engine can journal and replay them.
+
+use crate::ids::*;
+use crate::money::{Amount, Currency, Money, PartsPerMillion};
+use serde::{Deserialize, Serialize};
+
+/// Milliseconds since the Unix epoch, UTC. The core never reads a clock: time arrives
+/// with every command.
+pub type Timestamp = i64;
+
+/// Longest idempotency key, organization name, reason or description, in bytes.
+/// Long enough for UUIDs and sentences, short enough to bound memory per command.
+pub const TEXT_LENGTH_MAX: usize = 255;
+/// Most merchants or products a grant may be restricted to; keeps applicability checks cheap.
+pub const APPLICABILITY_ITEMS_MAX: usize = 32;
+/// Longest hold: seven days. A reservation that lasts longer is an unpaid debt.
+pub const HOLD_TTL_MAX_MS: i64 = 7 * 24 * 3600 * 1000;
+/// Shortest hold: one second, so a hold cannot expire before its answer arrives.
+pub const HOLD_TTL_MIN_MS: i64 = 1000;
+
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WalletStatus {
+    Active,
+    Frozen,
+    Closed,
+}
+
+/// The platform's own accounts, one of each per currency. Only these may be negative.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SystemAccount {
+    /// Money arriving from, and leaving to, payment providers: the outside world.
+    ExternalFunding,
+    /// The source of promotional credit.
+    Promotions,
+    /// Platform fees earned.
+    PlatformRevenue,
+    /// Taxes collected and owed.
+    TaxPayable,
+    /// Payouts on their way to merchants' banks.
+    PayoutsInTransit,
+    /// Grant remainders that expired unspent.
+    ExpiredCredits,
+}
+
+impl SystemAccount {
+    pub const ALL: [SystemAccount; 6] = [
+        SystemAccount::ExternalFunding,
+        SystemAccount::Promotions,
+        SystemAccount::PlatformRevenue,
+        SystemAccount::TaxPayable,
+        SystemAccount::PayoutsInTransit,
+        SystemAccount::ExpiredCredits,
+    ];
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug, Serialize, Deserialize)]
+pub enum Account {
+    Wallet(WalletId),
+    System(SystemAccount, Currency),
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GrantCategory {
+    Paid,
+    Promotional,
+    Compensation,
+}
+
+/// Restricts a grant to debits towards some merchants and/or products. An empty list
+/// means "any".
+#[derive(Clone, PartialEq, Eq, Hash, Debug, Default, Serialize, Deserialize)]
+pub struct Applicability {
+    pub merchants: Vec<OrganizationId>,
+    pub products: Vec<ProductId>,
+}
+
+impl Applicability {
+    pub fn allows(&self, merchant: Option<OrganizationId>, product: Option<ProductId>) -> bool {
+        let merchant_ok = self.merchants.is_empty() || merchant.is_some_and(|m| self.merchants.contains(&m));
+        let product_ok = self.products.is_empty() || product.is_some_and(|p| self.products.contains(&p));
+        merchant_ok && product_ok
+    }
+}
+
+#[derive(Clone, PartialEq, Eq, Hash, Debug, Serialize, Deserialize)]
+pub struct GrantSpec {
+    pub category: GrantCategory,
+    /// Lower numbers are spent first.
+    pub priority: u32,
+    pub expires_at: Option<Timestamp>,
+    pub applicability: Option<Applicability>,
+}
+
+/// Which system account an admin adjustment moves money against.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AdjustmentSource {
+    ExternalFunding,
+    Promotions,
+}
+
+impl AdjustmentSource {
+    pub fn account(self) -> SystemAccount {
+        match self {
+            AdjustmentSource::ExternalFunding => SystemAccount::ExternalFunding,
+            AdjustmentSource::Promotions => SystemAccount::Promotions,
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CreditKind {
+    /// Money paid in through a payment provider.
+    TopUp,
+    /// An admin's adjustment.
+    Adjustment,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TransferKind {
+    /// A plain wallet-to-wallet transfer.
+    Transfer,
+    /// The rated cost of usage, from a consumer to a merchant.
+    Charge,
+}
+
+/// How the platform's fee on a transfer is computed; it comes out of what the payee receives.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Default, Serialize, Deserialize)]
+pub enum Fee {
+    #[default]
+    None,
+    Rate(PartsPerMillion),
+    Fixed(Amount),
+}
+
+/// A money-moving request. Each one travels with an idempotency key.
+#[derive(Clone, PartialEq, Eq, Hash, Debug, Serialize, Deserialize)]
+pub enum MoneyAction {
+    /// Adds money to a wallet's main balance, or as a grant when `grant` is set.
+    Credit {
+        wallet: WalletId,
+        amount: Money,
+        kind: CreditKind,
+        source: AdjustmentSource,
+        grant: Option<GrantSpec>,
+        reason: String,
+    },
+    /// Takes money out of a wallet (admin debit), never below available.
+    Debit { wallet: WalletId, amount: Money, source: AdjustmentSource, reason: String },
+    /// Moves money between two wallets in one currency; the fee goes to platform revenue.
+    Transfer {
+        from: WalletId,
+        to: WalletId,
+        amount: Money,
+        fee: Fee,
+        kind: TransferKind,
+        product: Option<ProductId>,
+        description: String,
+    },
+    PlaceHold {
+        wallet: WalletId,
+        amount: Money,
+        ttl_ms: i64,
+        exclusive: bool,
+        /// The wallet a capture must pay, when known at placement; grants are chosen
+        /// by their applicability to its organization.
+        payee: Option<WalletId>,
+        product: Option<ProductId>,
+        description: String,
+    },
+    /// Captures up to the held amount into `to` (less the fee); the rest is released.
+    CaptureHold { hold: HoldId, amount: Option<Amount>, to: WalletId, fee: Fee },
+    ReleaseHold { hold: HoldId },
+    /// Expires what is left of a grant now, moving it back to its source.
+    VoidGrant { grant: GrantId, reason: String },
+}
+
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub enum Command {
+    CreateOrganization { name: String },
+    CreateWallet {
+        organization: OrganizationId,
+        currency: Currency,
+        low_balance_threshold: Option<Amount>,
+        /// An organization has one wallet per currency unless it asks for more.
+        additional: bool,
+    },
+    SetWalletStatus { wallet: WalletId, status: WalletStatus },
+    SetLowBalanceThreshold { wallet: WalletId, threshold: Option<Amount> },
+    Move { key: String, action: MoneyAction },
+    /// Expires due holds, grants and idempotency keys. The engine issues it when
+    /// something is due, so expiry happens on time without any request.
+    Tick,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OperationKind {
+    TopUp,
+    AdjustmentCredit,
+    AdjustmentDebit,
+    GrantCredit,
+    Transfer,
+    Charge,
+    HoldCapture,
+    GrantExpiry,
+    GrantVoid,
+}
+
+impl OperationKind {
+    pub fn code(self) -> &'static str {
+        match self {
+            OperationKind::TopUp => "top_up",
+            OperationKind::AdjustmentCredit => "adjustment_credit",
+            OperationKind::AdjustmentDebit => "adjustment_debit",
+            OperationKind::GrantCredit => "grant_credit",
+            OperationKind::Transfer => "transfer",
+            OperationKind::Charge => "charge",
+            OperationKind::HoldCapture => "hold_capture",
+            OperationKind::GrantExpiry => "grant_expiry",
+            OperationKind::GrantVoid => "grant_void",
+        }
+    }
+}
+
+/// How much a leg took from (negative) or gave to (positive) one grant.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct GrantPortion {
+    pub grant: GrantId,
+    pub amount: Amount,
+}
+
+/// One side of an operation on one account: signed amount and the balance after it.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct Leg {
+    pub account: Account,
+    pub amount: Amount,
+    pub balance_after: Amount,
+    pub grants: Vec<GrantPortion>,
+}
+
+/// One atomic change of balances. Its legs sum to zero (one currency per operation).
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct Operation {
+    pub id: OperationId,
+    pub kind: OperationKind,
+    pub currency: Currency,
+    pub at: Timestamp,
+    pub legs: Vec<Leg>,
+}
+
+/// The short form of an accepted money-moving result, kept with its idempotency key so
+/// a repeat answers with the same operation and object.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct ReceiptRef {
+    pub operation: Option<OperationId>,
+    pub hold: Option<HoldId>,
+    pub grant: Option<GrantId>,
+}
+
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub enum Receipt {
+    OrganizationCreated(OrganizationId),
+    WalletCreated(WalletId),
+    WalletUpdated(WalletId),
+    /// A credit, debit, transfer or charge; a grant credit also names the new grant.
+    Posted { operation: Operation, grant: Option<GrantId> },
+    HoldPlaced { hold: HoldId, expires_at: Timestamp },
+    /// A capture posts an operation; the uncaptured rest is released.
+    HoldCaptured { hold: HoldId, operation: Operation, released: Amount },
+    /// A release returns the reservation; parts of grants that expired or were voided
+    /// meanwhile are swept by the next tick.
+    HoldReleased { hold: HoldId, released: Amount },
+    GrantVoided { grant: GrantId, operation: Option<Operation> },
+    /// What a tick expired.
+    Expired { holds: Vec<HoldId>, operations: Vec<Operation>, keys_pruned: u64 },
+    /// A repeat of an idempotency key: the original result, not applied again.
+    Replayed(ReceiptRef),
+}
+
+impl Receipt {
+    /// The reference a repeat of the same key must answer with.
+    pub fn reference(&self) -> ReceiptRef {
+        let mut reference = ReceiptRef { operation: None, hold: None, grant: None };
+        match self {
+            Receipt::Posted { operation, grant } => {
+                reference.operation = Some(operation.id);
+                reference.grant = *grant;
+            }
+            Receipt::HoldPlaced { hold, .. } => reference.hold = Some(*hold),
+            Receipt::HoldCaptured { hold, operation, .. } => {
+                reference.hold = Some(*hold);
+                reference.operation = Some(operation.id);
+            }
+            Receipt::HoldReleased { hold, .. } => reference.hold = Some(*hold),
+            Receipt::GrantVoided { grant, operation } => {
+                reference.grant = Some(*grant);
+                reference.operation = operation.as_ref().map(|o| o.id);
+            }
+            Receipt::Replayed(original) => return *original,
+            _ => {}
+        }
+        reference
+    }
+
+    /// Every operation this receipt posted, for history.
+    pub fn operations(&self) -> Vec<&Operation> {
+        match self {
+            Receipt::Posted { operation, .. } | Receipt::HoldCaptured { operation, .. } => vec![operation],
+            Receipt::GrantVoided { operation, .. } => operation.iter().collect(),
+            Receipt::Expired { operations, .. } => operations.iter().collect(),
+            _ => Vec::new(),
+        }
+    }
+}

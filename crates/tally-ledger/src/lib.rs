@@ -1,0 +1,14 @@
+//! Tally's pure ledger core. It never reads the clock, the disk or the network: time
+//! and commands are arguments, and the same inputs always give the same state.
+
+pub mod command;
+pub mod ids;
+pub mod money;
+pub mod rejection;
+pub mod state;
+
+pub use command::*;
+pub use ids::*;
+pub use money::{Amount, Currency, Money, MoneyError, PartsPerMillion};
+pub use rejection::Rejection;
+pub use state::{fingerprint, Grant, GrantStatus, Hold, Portion, Reservation, Settings, State, Wallet};

@@ -1,0 +1,902 @@
+//! The ledger's in-memory state and the deterministic state machine that changes it.
+//! `State::apply` either applies a command whole or rejects it and leaves the state
+//! exactly as it was: every check runs before the first write.
+
+use crate::command::*;
+use crate::ids::*;
+use crate::money::{Amount, Currency, Money};
+use crate::rejection::Rejection;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::hash::{Hash, Hasher};
+
+/// How long an idempotency key is remembered unless configured otherwise: 24 hours.
+pub const IDEMPOTENCY_RETENTION_DEFAULT_MS: i64 = 24 * 3600 * 1000;
+/// Most live grants in one wallet; each debit walks them, so they must stay few.
+pub const WALLET_GRANTS_MAX: usize = 64;
+/// Most active holds on one wallet; bounds the reservations a wallet can accumulate.
+pub const WALLET_HOLDS_MAX: u32 = 10_000;
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Settings {
+    pub idempotency_retention_ms: i64,
+}
+
+impl Default for Settings {
+    fn default() -> Settings {
+        Settings { idempotency_retention_ms: IDEMPOTENCY_RETENTION_DEFAULT_MS }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Organization {
+    pub id: OrganizationId,
+    pub name: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Wallet {
+    pub id: WalletId,
+    pub organization: OrganizationId,
+    pub currency: Currency,
+    pub status: WalletStatus,
+    /// The main balance: money not in any grant.
+    pub main: i128,
+    /// The part of `main` reserved by active holds.
+    pub main_held: i128,
+    /// The sum of the remaining amounts of this wallet's live grants.
+    pub granted: i128,
+    /// The sum of active holds.
+    pub held: i128,
+    pub low_balance_threshold: Option<Amount>,
+    /// Grants with something remaining, in spending order.
+    pub grants: Vec<GrantId>,
+    pub exclusive_hold: Option<HoldId>,
+    pub active_holds: u32,
+}
+
+impl Wallet {
+    pub fn balance(&self) -> Amount {
+        Amount::from_units(self.main + self.granted)
+    }
+
+    pub fn held(&self) -> Amount {
+        Amount::from_units(self.held)
+    }
+
+    pub fn available(&self) -> Amount {
+        Amount::from_units(self.main + self.granted - self.held)
+    }
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum GrantStatus {
+    Active,
+    /// Past its expiry; what was reserved at that moment is swept when released.
+    Expired,
+    Voided,
+    Spent,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Grant {
+    pub id: GrantId,
+    pub wallet: WalletId,
+    pub category: GrantCategory,
+    pub priority: u32,
+    pub expires_at: Option<Timestamp>,
+    pub applicability: Option<Box<Applicability>>,
+    pub source: SystemAccount,
+    pub amount: i128,
+    pub remaining: i128,
+    pub reserved: i128,
+    pub status: GrantStatus,
+    pub created_at: Timestamp,
+}
+
+impl Grant {
+    fn spending_order(&self) -> (u32, Timestamp, GrantId) {
+        (self.priority, self.expires_at.unwrap_or(Timestamp::MAX), self.id)
+    }
+
+    fn usable(&self, now: Timestamp) -> bool {
+        self.status == GrantStatus::Active && self.expires_at.is_none_or(|at| at > now)
+    }
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Hash)]
+pub enum Portion {
+    Main,
+    Grant(GrantId),
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Reservation {
+    pub portion: Portion,
+    pub amount: i128,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Hold {
+    pub id: HoldId,
+    pub wallet: WalletId,
+    pub amount: i128,
+    pub reservations: Vec<Reservation>,
+    pub expires_at: Timestamp,
+    pub exclusive: bool,
+    pub payee: Option<WalletId>,
+    pub placed_at: Timestamp,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct IdempotencyRecord {
+    pub fingerprint: u64,
+    pub reference: ReceiptRef,
+    pub expires_at: Timestamp,
+}
+
+/// Everything a decision needs. Owned by exactly one thread (the engine's writer).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct State {
+    pub settings: Settings,
+    pub organizations: Vec<Organization>,
+    pub wallets: Vec<Wallet>,
+    pub grants: Vec<Grant>,
+    pub holds: HashMap<HoldId, Hold>,
+    pub next_hold_id: u64,
+    pub next_operation_id: u64,
+    pub system: BTreeMap<(Currency, SystemAccount), i128>,
+    pub wallet_index: HashMap<(OrganizationId, Currency), WalletId>,
+    pub idempotency: HashMap<String, IdempotencyRecord>,
+    pub idempotency_expiry: VecDeque<(Timestamp, String)>,
+    pub hold_expiry: BTreeSet<(Timestamp, HoldId)>,
+    /// Grants to sweep at a time: active grants at their expiry, and expired or voided
+    /// grants whose released reservations must be swept now.
+    pub grant_sweeps: BTreeSet<(Timestamp, GrantId)>,
+}
+
+/// A deterministic 64-bit FNV-1a hasher. Request fingerprints are stored and compared
+/// across restarts, so they must not depend on a random seed.
+struct Fingerprinter(u64);
+
+impl Hasher for Fingerprinter {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for byte in bytes {
+            self.0 ^= u64::from(*byte);
+            self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+}
+
+pub fn fingerprint(action: &MoneyAction) -> u64 {
+    let mut hasher = Fingerprinter(0xcbf2_9ce4_8422_2325);
+    action.hash(&mut hasher);
+    hasher.finish()
+}
+
+fn text_ok(text: &str, empty_allowed: bool) -> Result<(), Rejection> {
+    if text.len() > TEXT_LENGTH_MAX || (!empty_allowed && text.is_empty()) {
+        return Err(Rejection::TextLengthOutOfRange);
+    }
+    Ok(())
+}
+
+fn positive(amount: Amount) -> Result<i128, Rejection> {
+    if amount.is_positive() {
+        Ok(amount.units())
+    } else {
+        Err(Rejection::AmountMustBePositive)
+    }
+}
+
+fn add(a: i128, b: i128) -> Result<i128, Rejection> {
+    a.checked_add(b).ok_or(Rejection::AmountOverflow)
+}
+
+impl State {
+    pub fn new(settings: Settings) -> State {
+        State { settings, next_hold_id: 1, next_operation_id: 1, ..State::default() }
+    }
+
+    pub fn wallet(&self, id: WalletId) -> Option<&Wallet> {
+        let index = usize::try_from(id.0).ok()?.checked_sub(1)?;
+        self.wallets.get(index)
+    }
+
+    fn wallet_mut(&mut self, id: WalletId) -> &mut Wallet {
+        &mut self.wallets[(id.0 - 1) as usize]
+    }
+
+    pub fn grant(&self, id: GrantId) -> Option<&Grant> {
+        let index = usize::try_from(id.0).ok()?.checked_sub(1)?;
+        self.grants.get(index)
+    }
+
+    fn grant_mut(&mut self, id: GrantId) -> &mut Grant {
+        &mut self.grants[(id.0 - 1) as usize]
+    }
+
+    pub fn organization(&self, id: OrganizationId) -> Option<&Organization> {
+        let index = usize::try_from(id.0).ok()?.checked_sub(1)?;
+        self.organizations.get(index)
+    }
+
+    pub fn hold(&self, id: HoldId) -> Option<&Hold> {
+        self.holds.get(&id)
+    }
+
+    pub fn wallet_for(&self, organization: OrganizationId, currency: Currency) -> Option<WalletId> {
+        self.wallet_index.get(&(organization, currency)).copied()
+    }
+
+    pub fn system_balance(&self, currency: Currency, account: SystemAccount) -> Amount {
+        Amount::from_units(self.system.get(&(currency, account)).copied().unwrap_or(0))
+    }
+
+    /// The earliest time at which a tick has something to do.
+    pub fn next_due(&self) -> Option<Timestamp> {
+        [
+            self.hold_expiry.first().map(|(at, _)| *at),
+            self.grant_sweeps.first().map(|(at, _)| *at),
+            self.idempotency_expiry.front().map(|(at, _)| *at),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+
+    /// Applies one command at time `now`. On rejection nothing has changed.
+    pub fn apply(&mut self, command: &Command, now: Timestamp) -> Result<Receipt, Rejection> {
+        match command {
+            Command::CreateOrganization { name } => {
+                text_ok(name, false)?;
+                let id = OrganizationId(self.organizations.len() as u64 + 1);
+                self.organizations.push(Organization { id, name: name.clone() });
+                Ok(Receipt::OrganizationCreated(id))
+            }
+            Command::CreateWallet { organization, currency, low_balance_threshold, additional } => {
+                self.organization(*organization).ok_or(Rejection::OrganizationNotFound)?;
+                if low_balance_threshold.is_some_and(|t| t.units() < 0) {
+                    return Err(Rejection::AmountMustBePositive);
+                }
+                let exists = self.wallet_index.contains_key(&(*organization, *currency));
+                if exists && !additional {
+                    return Err(Rejection::WalletAlreadyExists);
+                }
+                let id = WalletId(self.wallets.len() as u64 + 1);
+                self.wallets.push(Wallet {
+                    id,
+                    organization: *organization,
+                    currency: *currency,
+                    status: WalletStatus::Active,
+                    main: 0,
+                    main_held: 0,
+                    granted: 0,
+                    held: 0,
+                    low_balance_threshold: *low_balance_threshold,
+                    grants: Vec::new(),
+                    exclusive_hold: None,
+                    active_holds: 0,
+                });
+                if !exists {
+                    self.wallet_index.insert((*organization, *currency), id);
+                }
+                Ok(Receipt::WalletCreated(id))
+            }
+            Command::SetWalletStatus { wallet, status } => {
+                let current = self.wallet(*wallet).ok_or(Rejection::WalletNotFound)?;
+                match (current.status, status) {
+                    (WalletStatus::Closed, _) => return Err(Rejection::InvalidStatusChange),
+                    (_, WalletStatus::Closed) => {
+                        if current.main != 0 || current.granted != 0 || current.active_holds != 0 {
+                            return Err(Rejection::WalletNotEmpty);
+                        }
+                    }
+                    _ => {}
+                }
+                self.wallet_mut(*wallet).status = *status;
+                Ok(Receipt::WalletUpdated(*wallet))
+            }
+            Command::SetLowBalanceThreshold { wallet, threshold } => {
+                self.wallet(*wallet).ok_or(Rejection::WalletNotFound)?;
+                if threshold.is_some_and(|t| t.units() < 0) {
+                    return Err(Rejection::AmountMustBePositive);
+                }
+                self.wallet_mut(*wallet).low_balance_threshold = *threshold;
+                Ok(Receipt::WalletUpdated(*wallet))
+            }
+            Command::Move { key, action } => {
+                text_ok(key, false)?;
+                let fingerprint = fingerprint(action);
+                if let Some(record) = self.idempotency.get(key.as_str()) {
+                    return if record.fingerprint == fingerprint {
+                        Ok(Receipt::Replayed(record.reference))
+                    } else {
+                        Err(Rejection::IdempotencyKeyMismatch)
+                    };
+                }
+                let receipt = self.apply_action(action, now)?;
+                let expires_at = now.saturating_add(self.settings.idempotency_retention_ms);
+                let record = IdempotencyRecord { fingerprint, reference: receipt.reference(), expires_at };
+                self.idempotency.insert(key.clone(), record);
+                self.idempotency_expiry.push_back((expires_at, key.clone()));
+                Ok(receipt)
+            }
+            Command::Tick => Ok(self.tick(now)),
+        }
+    }
+
+    fn next_operation(&mut self, kind: OperationKind, currency: Currency, now: Timestamp, legs: Vec<Leg>) -> Operation {
+        let id = OperationId(self.next_operation_id);
+        self.next_operation_id += 1;
+        debug_assert_eq!(legs.iter().map(|l| l.amount.units()).sum::<i128>(), 0, "legs must sum to zero");
+        Operation { id, kind, currency, at: now, legs }
+    }
+
+    /// Adds `amount` to a system account and returns its leg.
+    fn post_system(&mut self, account: SystemAccount, currency: Currency, amount: i128) -> Leg {
+        let balance = self.system.entry((currency, account)).or_insert(0);
+        *balance += amount;
+        Leg {
+            account: Account::System(account, currency),
+            amount: Amount::from_units(amount),
+            balance_after: Amount::from_units(*balance),
+            grants: Vec::new(),
+        }
+    }
+
+    fn system_fits(&self, account: SystemAccount, currency: Currency, amount: i128) -> Result<(), Rejection> {
+        let balance = self.system.get(&(currency, account)).copied().unwrap_or(0);
+        add(balance, amount).map(|_| ())
+    }
+
+    fn wallet_leg(&self, wallet: WalletId, amount: i128, grants: Vec<GrantPortion>) -> Leg {
+        Leg {
+            account: Account::Wallet(wallet),
+            amount: Amount::from_units(amount),
+            balance_after: self.wallets[(wallet.0 - 1) as usize].balance(),
+            grants,
+        }
+    }
+
+    /// A wallet that exists, holds `currency` and is not closed.
+    fn open_wallet(&self, id: WalletId, currency: Currency) -> Result<&Wallet, Rejection> {
+        let wallet = self.wallet(id).ok_or(Rejection::WalletNotFound)?;
+        if wallet.currency != currency {
+            return Err(Rejection::CurrencyMismatch);
+        }
+        if wallet.status == WalletStatus::Closed {
+            return Err(Rejection::WalletClosed);
+        }
+        Ok(wallet)
+    }
+
+    /// An open wallet that may be debited.
+    fn debitable_wallet(&self, id: WalletId, currency: Currency) -> Result<&Wallet, Rejection> {
+        let wallet = self.open_wallet(id, currency)?;
+        if wallet.status == WalletStatus::Frozen {
+            return Err(Rejection::WalletFrozen);
+        }
+        Ok(wallet)
+    }
+
+    /// Decides which portions of a wallet pay `amount`: usable, applicable grants in
+    /// spending order, then the main balance; only what no hold has reserved.
+    /// `merchant` None with `any_grant` takes from every grant (admin debits).
+    fn plan_spend(
+        &self,
+        wallet: &Wallet,
+        amount: i128,
+        merchant: Option<OrganizationId>,
+        product: Option<ProductId>,
+        any_grant: bool,
+        now: Timestamp,
+    ) -> Result<Vec<Reservation>, Rejection> {
+        if amount > wallet.main + wallet.granted - wallet.held {
+            return Err(Rejection::InsufficientFunds);
+        }
+        let mut left = amount;
+        let mut plan = Vec::new();
+        for grant_id in &wallet.grants {
+            if left == 0 {
+                break;
+            }
+            let grant = &self.grants[(grant_id.0 - 1) as usize];
+            if !grant.usable(now) {
+                continue;
+            }
+            if !any_grant && grant.applicability.as_ref().is_some_and(|a| !a.allows(merchant, product)) {
+                continue;
+            }
+            let take = (grant.remaining - grant.reserved).min(left);
+            if take > 0 {
+                plan.push(Reservation { portion: Portion::Grant(*grant_id), amount: take });
+                left -= take;
+            }
+        }
+        if left > 0 {
+            let take = (wallet.main - wallet.main_held).min(left);
+            if take > 0 {
+                plan.push(Reservation { portion: Portion::Main, amount: take });
+                left -= take;
+            }
+        }
+        if left > 0 {
+            return Err(Rejection::InsufficientFunds);
+        }
+        Ok(plan)
+    }
+
+    /// Takes planned portions out of a wallet (they must not be reserved) and returns the
+    /// grant portions for the leg.
+    fn spend(&mut self, wallet: WalletId, plan: &[Reservation], from_reserved: bool) -> Vec<GrantPortion> {
+        let mut portions = Vec::new();
+        for reservation in plan {
+            match reservation.portion {
+                Portion::Main => {
+                    let w = self.wallet_mut(wallet);
+                    w.main -= reservation.amount;
+                    if from_reserved {
+                        w.main_held -= reservation.amount;
+                    }
+                }
+                Portion::Grant(grant_id) => {
+                    let grant = self.grant_mut(grant_id);
+                    grant.remaining -= reservation.amount;
+                    if from_reserved {
+                        grant.reserved -= reservation.amount;
+                    }
+                    let emptied = grant.remaining == 0;
+                    if emptied && grant.status == GrantStatus::Active {
+                        grant.status = GrantStatus::Spent;
+                    }
+                    let w = self.wallet_mut(wallet);
+                    w.granted -= reservation.amount;
+                    if emptied {
+                        w.grants.retain(|g| *g != grant_id);
+                    }
+                    portions.push(GrantPortion { grant: grant_id, amount: Amount::from_units(-reservation.amount) });
+                }
+            }
+        }
+        portions
+    }
+
+    fn fee_of(amount: Amount, fee: Fee) -> Result<i128, Rejection> {
+        let fee = match fee {
+            Fee::None => 0,
+            Fee::Rate(rate) => {
+                if rate.0 > crate::money::PartsPerMillion::MAX {
+                    return Err(Rejection::FeeExceedsAmount);
+                }
+                amount.times_parts_per_million_round_down(rate)?.units()
+            }
+            Fee::Fixed(fixed) => {
+                if fixed.units() < 0 {
+                    return Err(Rejection::AmountMustBePositive);
+                }
+                fixed.units()
+            }
+        };
+        if fee > amount.units() {
+            return Err(Rejection::FeeExceedsAmount);
+        }
+        Ok(fee)
+    }
+
+    fn apply_action(&mut self, action: &MoneyAction, now: Timestamp) -> Result<Receipt, Rejection> {
+        match action {
+            MoneyAction::Credit { wallet, amount, kind, source, grant, reason } => {
+                self.credit(*wallet, *amount, *kind, *source, grant.as_ref(), reason, now)
+            }
+            MoneyAction::Debit { wallet, amount, source, reason } => {
+                text_ok(reason, true)?;
+                let units = positive(amount.amount)?;
+                let w = self.debitable_wallet(*wallet, amount.currency)?;
+                let plan = self.plan_spend(w, units, None, None, true, now)?;
+                self.system_fits(source.account(), amount.currency, units)?;
+                let portions = self.spend(*wallet, &plan, false);
+                let legs = vec![
+                    self.wallet_leg(*wallet, -units, portions),
+                    self.post_system(source.account(), amount.currency, units),
+                ];
+                let operation = self.next_operation(OperationKind::AdjustmentDebit, amount.currency, now, legs);
+                Ok(Receipt::Posted { operation, grant: None })
+            }
+            MoneyAction::Transfer { from, to, amount, fee, kind, product, description } => {
+                text_ok(description, true)?;
+                let units = positive(amount.amount)?;
+                if from == to {
+                    return Err(Rejection::SameWallet);
+                }
+                let payer = self.debitable_wallet(*from, amount.currency)?;
+                let payee = self.open_wallet(*to, amount.currency)?;
+                let fee_units = Self::fee_of(amount.amount, *fee)?;
+                let net = units - fee_units;
+                add(payee.main, net)?;
+                self.system_fits(SystemAccount::PlatformRevenue, amount.currency, fee_units)?;
+                let plan = self.plan_spend(payer, units, Some(payee.organization), *product, false, now)?;
+                let portions = self.spend(*from, &plan, false);
+                self.wallet_mut(*to).main += net;
+                let mut legs = Vec::with_capacity(3);
+                legs.push(self.wallet_leg(*from, -units, portions));
+                legs.push(self.wallet_leg(*to, net, Vec::new()));
+                if fee_units > 0 {
+                    legs.push(self.post_system(SystemAccount::PlatformRevenue, amount.currency, fee_units));
+                }
+                let operation_kind = match kind {
+                    TransferKind::Transfer => OperationKind::Transfer,
+                    TransferKind::Charge => OperationKind::Charge,
+                };
+                let operation = self.next_operation(operation_kind, amount.currency, now, legs);
+                Ok(Receipt::Posted { operation, grant: None })
+            }
+            MoneyAction::PlaceHold { wallet, amount, ttl_ms, exclusive, payee, product, description } => {
+                text_ok(description, true)?;
+                let units = positive(amount.amount)?;
+                if !(HOLD_TTL_MIN_MS..=HOLD_TTL_MAX_MS).contains(ttl_ms) {
+                    return Err(Rejection::HoldTtlOutOfRange);
+                }
+                let w = self.debitable_wallet(*wallet, amount.currency)?;
+                if w.exclusive_hold.is_some() {
+                    return Err(Rejection::WalletOnHold);
+                }
+                if w.active_holds >= WALLET_HOLDS_MAX {
+                    return Err(Rejection::TooManyItems);
+                }
+                let merchant = match payee {
+                    Some(payee) if payee == wallet => return Err(Rejection::SameWallet),
+                    Some(payee) => Some(self.open_wallet(*payee, amount.currency)?.organization),
+                    None => None,
+                };
+                let plan = self.plan_spend(w, units, merchant, *product, false, now)?;
+                let id = HoldId(self.next_hold_id);
+                self.next_hold_id += 1;
+                for reservation in &plan {
+                    match reservation.portion {
+                        Portion::Main => self.wallet_mut(*wallet).main_held += reservation.amount,
+                        Portion::Grant(grant) => self.grant_mut(grant).reserved += reservation.amount,
+                    }
+                }
+                let w = self.wallet_mut(*wallet);
+                w.held += units;
+                w.active_holds += 1;
+                if *exclusive {
+                    w.exclusive_hold = Some(id);
+                }
+                let expires_at = now.saturating_add(*ttl_ms);
+                self.holds.insert(
+                    id,
+                    Hold {
+                        id,
+                        wallet: *wallet,
+                        amount: units,
+                        reservations: plan,
+                        expires_at,
+                        exclusive: *exclusive,
+                        payee: *payee,
+                        placed_at: now,
+                    },
+                );
+                self.hold_expiry.insert((expires_at, id));
+                Ok(Receipt::HoldPlaced { hold: id, expires_at })
+            }
+            MoneyAction::CaptureHold { hold, amount, to, fee } => {
+                let held = self.active_hold(*hold)?;
+                let capture = match amount {
+                    Some(amount) => positive(*amount)?,
+                    None => held.amount,
+                };
+                if capture > held.amount {
+                    return Err(Rejection::CaptureExceedsHold);
+                }
+                if held.payee.is_some_and(|payee| payee != *to) {
+                    return Err(Rejection::CapturePayeeMismatch);
+                }
+                if held.wallet == *to {
+                    return Err(Rejection::SameWallet);
+                }
+                let payer = self.wallet(held.wallet).ok_or(Rejection::WalletNotFound)?;
+                let currency = payer.currency;
+                self.debitable_wallet(held.wallet, currency)?;
+                let payee = self.open_wallet(*to, currency)?;
+                let fee_units = Self::fee_of(Amount::from_units(capture), *fee)?;
+                add(payee.main, capture - fee_units)?;
+                self.system_fits(SystemAccount::PlatformRevenue, currency, fee_units)?;
+                // Checks are done; from here on nothing fails.
+                let held = self.holds.remove(hold).expect("hold checked above");
+                let mut left = capture;
+                let mut taken = Vec::new();
+                let mut returned = Vec::new();
+                for reservation in &held.reservations {
+                    let take = reservation.amount.min(left);
+                    left -= take;
+                    if take > 0 {
+                        taken.push(Reservation { portion: reservation.portion, amount: take });
+                    }
+                    if reservation.amount > take {
+                        returned.push(Reservation { portion: reservation.portion, amount: reservation.amount - take });
+                    }
+                }
+                let portions = self.spend(held.wallet, &taken, true);
+                self.unreserve(&held, &returned, now);
+                self.close_hold(&held);
+                self.wallet_mut(*to).main += capture - fee_units;
+                let mut legs = Vec::with_capacity(3);
+                legs.push(self.wallet_leg(held.wallet, -capture, portions));
+                legs.push(self.wallet_leg(*to, capture - fee_units, Vec::new()));
+                if fee_units > 0 {
+                    legs.push(self.post_system(SystemAccount::PlatformRevenue, currency, fee_units));
+                }
+                let operation = self.next_operation(OperationKind::HoldCapture, currency, now, legs);
+                Ok(Receipt::HoldCaptured {
+                    hold: *hold,
+                    operation,
+                    released: Amount::from_units(held.amount - capture),
+                })
+            }
+            MoneyAction::ReleaseHold { hold } => {
+                self.active_hold(*hold)?;
+                let held = self.holds.remove(hold).expect("hold checked above");
+                self.unreserve(&held, &held.reservations, now);
+                self.close_hold(&held);
+                Ok(Receipt::HoldReleased { hold: *hold, released: Amount::from_units(held.amount) })
+            }
+            MoneyAction::VoidGrant { grant, reason } => {
+                text_ok(reason, true)?;
+                let g = self.grant(*grant).ok_or(Rejection::GrantNotFound)?;
+                if g.status != GrantStatus::Active || g.remaining == g.reserved {
+                    return Err(Rejection::GrantNotActive);
+                }
+                if let Some(at) = g.expires_at {
+                    self.grant_sweeps.remove(&(at, *grant));
+                }
+                self.grant_mut(*grant).status = GrantStatus::Voided;
+                let operation = self.sweep_grant(*grant, now);
+                Ok(Receipt::GrantVoided { grant: *grant, operation })
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn credit(
+        &mut self,
+        wallet: WalletId,
+        amount: Money,
+        kind: CreditKind,
+        source: AdjustmentSource,
+        grant: Option<&GrantSpec>,
+        reason: &str,
+        now: Timestamp,
+    ) -> Result<Receipt, Rejection> {
+        text_ok(reason, true)?;
+        let units = positive(amount.amount)?;
+        let w = self.open_wallet(wallet, amount.currency)?;
+        add(add(w.main, w.granted)?, units)?;
+        self.system_fits(source.account(), amount.currency, -units)?;
+        if let Some(spec) = grant {
+            if spec.expires_at.is_some_and(|at| at <= now) {
+                return Err(Rejection::GrantExpiryInPast);
+            }
+            if let Some(applicability) = &spec.applicability {
+                if applicability.merchants.len() > APPLICABILITY_ITEMS_MAX
+                    || applicability.products.len() > APPLICABILITY_ITEMS_MAX
+                {
+                    return Err(Rejection::TooManyItems);
+                }
+            }
+            if w.grants.len() >= WALLET_GRANTS_MAX {
+                return Err(Rejection::TooManyItems);
+            }
+        }
+        let source_leg = self.post_system(source.account(), amount.currency, -units);
+        let (grant_id, portions) = match grant {
+            None => {
+                self.wallet_mut(wallet).main += units;
+                (None, Vec::new())
+            }
+            Some(spec) => {
+                let id = GrantId(self.grants.len() as u64 + 1);
+                let grant = Grant {
+                    id,
+                    wallet,
+                    category: spec.category,
+                    priority: spec.priority,
+                    expires_at: spec.expires_at,
+                    applicability: spec.applicability.clone().map(Box::new),
+                    source: source.account(),
+                    amount: units,
+                    remaining: units,
+                    reserved: 0,
+                    status: GrantStatus::Active,
+                    created_at: now,
+                };
+                let order = grant.spending_order();
+                self.grants.push(grant);
+                if let Some(at) = spec.expires_at {
+                    self.grant_sweeps.insert((at, id));
+                }
+                let grants = &self.grants;
+                let w = &mut self.wallets[(wallet.0 - 1) as usize];
+                let position = w.grants.partition_point(|g| grants[(g.0 - 1) as usize].spending_order() < order);
+                w.grants.insert(position, id);
+                w.granted += units;
+                (Some(id), vec![GrantPortion { grant: id, amount: Amount::from_units(units) }])
+            }
+        };
+        let legs = vec![self.wallet_leg(wallet, units, portions), source_leg];
+        let operation_kind = match (kind, grant_id) {
+            (_, Some(_)) => OperationKind::GrantCredit,
+            (CreditKind::TopUp, None) => OperationKind::TopUp,
+            (CreditKind::Adjustment, None) => OperationKind::AdjustmentCredit,
+        };
+        let operation = self.next_operation(operation_kind, amount.currency, now, legs);
+        Ok(Receipt::Posted { operation, grant: grant_id })
+    }
+
+    fn active_hold(&self, id: HoldId) -> Result<&Hold, Rejection> {
+        match self.holds.get(&id) {
+            Some(hold) => Ok(hold),
+            None if id.0 >= 1 && id.0 < self.next_hold_id => Err(Rejection::HoldAlreadyResolved),
+            None => Err(Rejection::HoldNotFound),
+        }
+    }
+
+    /// Returns reserved portions to their wallet. A portion of a grant that expired or
+    /// was voided meanwhile is queued to be swept at once.
+    fn unreserve(&mut self, hold: &Hold, returned: &[Reservation], now: Timestamp) {
+        for reservation in returned {
+            match reservation.portion {
+                Portion::Main => self.wallet_mut(hold.wallet).main_held -= reservation.amount,
+                Portion::Grant(grant_id) => {
+                    let grant = self.grant_mut(grant_id);
+                    grant.reserved -= reservation.amount;
+                    if matches!(grant.status, GrantStatus::Expired | GrantStatus::Voided) {
+                        self.grant_sweeps.insert((now, grant_id));
+                    }
+                }
+            }
+        }
+    }
+
+    fn close_hold(&mut self, hold: &Hold) {
+        self.hold_expiry.remove(&(hold.expires_at, hold.id));
+        let w = self.wallet_mut(hold.wallet);
+        w.held -= hold.amount;
+        w.active_holds -= 1;
+        if w.exclusive_hold == Some(hold.id) {
+            w.exclusive_hold = None;
+        }
+    }
+
+    /// Moves a grant's unreserved remainder out of the wallet: to expired credits for an
+    /// expired grant, back to its source for a voided one.
+    fn sweep_grant(&mut self, grant_id: GrantId, now: Timestamp) -> Option<Operation> {
+        let grant = self.grant_mut(grant_id);
+        let amount = grant.remaining - grant.reserved;
+        if amount <= 0 {
+            return None;
+        }
+        grant.remaining -= amount;
+        let emptied = grant.remaining == 0;
+        let wallet = grant.wallet;
+        let (account, kind) = match grant.status {
+            GrantStatus::Voided => (grant.source, OperationKind::GrantVoid),
+            _ => (SystemAccount::ExpiredCredits, OperationKind::GrantExpiry),
+        };
+        let w = self.wallet_mut(wallet);
+        w.granted -= amount;
+        if emptied {
+            w.grants.retain(|g| *g != grant_id);
+        }
+        let currency = w.currency;
+        let legs = vec![
+            self.wallet_leg(wallet, -amount, vec![GrantPortion { grant: grant_id, amount: Amount::from_units(-amount) }]),
+            self.post_system(account, currency, amount),
+        ];
+        Some(self.next_operation(kind, currency, now, legs))
+    }
+
+    /// Expires everything due at `now`, in time order.
+    fn tick(&mut self, now: Timestamp) -> Receipt {
+        let mut holds = Vec::new();
+        while let Some(&(at, id)) = self.hold_expiry.first() {
+            if at > now {
+                break;
+            }
+            let hold = self.holds.remove(&id).expect("expiry index names an active hold");
+            self.unreserve(&hold, &hold.reservations, now);
+            self.close_hold(&hold);
+            holds.push(id);
+        }
+        let mut operations = Vec::new();
+        while let Some(&(at, id)) = self.grant_sweeps.first() {
+            if at > now {
+                break;
+            }
+            self.grant_sweeps.pop_first();
+            let grant = self.grant_mut(id);
+            if grant.status == GrantStatus::Active {
+                grant.status = GrantStatus::Expired;
+            }
+            operations.extend(self.sweep_grant(id, now));
+        }
+        let mut keys_pruned = 0;
+        while let Some((at, _)) = self.idempotency_expiry.front() {
+            if *at > now {
+                break;
+            }
+            let (_, key) = self.idempotency_expiry.pop_front().expect("front exists");
+            self.idempotency.remove(&key);
+            keys_pruned += 1;
+        }
+        Receipt::Expired { holds, operations, keys_pruned }
+    }
+
+    /// Checks every invariant the state can show and returns what is broken.
+    pub fn check_invariants(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        let mut sums: BTreeMap<Currency, i128> = BTreeMap::new();
+        for ((currency, _), balance) in &self.system {
+            *sums.entry(*currency).or_default() += balance;
+        }
+        let mut grant_remaining: HashMap<WalletId, i128> = HashMap::new();
+        let mut grant_reserved: HashMap<GrantId, i128> = HashMap::new();
+        for grant in &self.grants {
+            if grant.reserved < 0 || grant.reserved > grant.remaining || grant.remaining > grant.amount {
+                problems.push(format!("{:?}: reserved {} remaining {} of {}", grant.id, grant.reserved, grant.remaining, grant.amount));
+            }
+            *grant_remaining.entry(grant.wallet).or_default() += grant.remaining;
+        }
+        let mut held: HashMap<WalletId, (i128, i128, u32)> = HashMap::new();
+        for hold in self.holds.values() {
+            let sum: i128 = hold.reservations.iter().map(|r| r.amount).sum();
+            if sum != hold.amount {
+                problems.push(format!("{:?}: reservations sum {} but hold is {}", hold.id, sum, hold.amount));
+            }
+            let entry = held.entry(hold.wallet).or_default();
+            entry.0 += hold.amount;
+            entry.2 += 1;
+            for reservation in &hold.reservations {
+                match reservation.portion {
+                    Portion::Main => entry.1 += reservation.amount,
+                    Portion::Grant(g) => *grant_reserved.entry(g).or_default() += reservation.amount,
+                }
+            }
+        }
+        for grant in &self.grants {
+            let reserved = grant_reserved.get(&grant.id).copied().unwrap_or(0);
+            if reserved != grant.reserved {
+                problems.push(format!("{:?}: holds reserve {} but grant says {}", grant.id, reserved, grant.reserved));
+            }
+        }
+        for wallet in &self.wallets {
+            *sums.entry(wallet.currency).or_default() += wallet.main + wallet.granted;
+            let (hold_sum, main_held, count) = held.get(&wallet.id).copied().unwrap_or_default();
+            let granted = grant_remaining.get(&wallet.id).copied().unwrap_or(0);
+            if wallet.main < 0 || wallet.main_held < 0 || wallet.main_held > wallet.main {
+                problems.push(format!("{:?}: main {} with {} held", wallet.id, wallet.main, wallet.main_held));
+            }
+            if wallet.granted != granted {
+                problems.push(format!("{:?}: granted {} but grants hold {}", wallet.id, wallet.granted, granted));
+            }
+            if wallet.held != hold_sum || wallet.main_held != main_held || wallet.active_holds != count {
+                problems.push(format!("{:?}: held {} but active holds add to {}", wallet.id, wallet.held, hold_sum));
+            }
+            if wallet.available().units() < 0 {
+                problems.push(format!("{:?}: available is negative", wallet.id));
+            }
+        }
+        for (currency, sum) in sums {
+            if sum != 0 {
+                problems.push(format!("{currency}: accounts sum to {sum} ledger units, not zero"));
+            }
+        }
+        problems
+    }
+}

@@ -1,0 +1,56 @@
+//! Tally's durable storage. The commit path writes each batch of accepted commands and
+//! their receipts as one journal record in one transaction; snapshots of the state cut
+//! restart time; the queryable history (operations, movements) is projected from the
+//! journal by a separate thread, off the commit path.
+
+mod codec;
+mod projector;
+mod sqlite;
+
+pub use codec::{decode_commands, decode_receipts, FORMAT_VERSION};
+pub use projector::{HistoryReader, Movement, MovementFilter, Projector};
+pub use sqlite::{encode_snapshot, SqliteStore};
+
+use tally_ledger::{Command, Receipt, Settings, State, Timestamp};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Database(#[from] rusqlite::Error),
+    #[error("a stored value has the wrong type: {0}")]
+    WrongType(#[from] rusqlite::types::FromSqlError),
+    #[error("could not decode stored record {what} at journal sequence {seq}: {detail}")]
+    Corrupt { what: &'static str, seq: u64, detail: String },
+    #[error("the database was written by a newer Tally (format {found}, this build reads up to {supported})")]
+    NewerFormat { found: u32, supported: u32 },
+    #[error("replaying journal sequence {seq} diverged: {detail}")]
+    ReplayDiverged { seq: u64, detail: String },
+    #[error("the loaded state breaks {} invariant(s): {}", .0.len(), .0.join("; "))]
+    Invariants(Vec<String>),
+}
+
+/// One batch as it goes to disk: the commands that changed state, with their receipts,
+/// all applied at time `at`.
+pub struct JournalBatch<'a> {
+    pub seq: u64,
+    pub at: Timestamp,
+    pub entries: Vec<(&'a Command, &'a Receipt)>,
+}
+
+/// The state as loaded, and the journal sequence it reflects.
+pub struct Loaded {
+    pub state: State,
+    pub seq: u64,
+    pub replayed_batches: u64,
+    pub replayed_commands: u64,
+}
+
+/// What the engine needs from durable storage.
+pub trait Store: Send + 'static {
+    /// Loads the latest snapshot and replays the journal after it.
+    fn load(&mut self, settings: Settings) -> Result<Loaded, StoreError>;
+    /// Makes one batch durable, in one transaction, or fails having written nothing.
+    fn commit(&mut self, batch: &JournalBatch<'_>) -> Result<(), StoreError>;
+    /// Stores an encoded snapshot of the state after journal sequence `seq`.
+    fn write_snapshot(&mut self, seq: u64, encoded: &[u8]) -> Result<(), StoreError>;
+}

@@ -1,0 +1,220 @@
+//! The embedded SQLite store: one file, WAL mode, full fsync on every commit.
+
+use crate::codec::{self, FORMAT_VERSION};
+use crate::{JournalBatch, Loaded, Store, StoreError};
+use rusqlite::{params, Connection, OptionalExtension};
+use std::path::{Path, PathBuf};
+use tally_ledger::{Command, Receipt, Settings, State, Timestamp};
+
+/// Schema migrations, applied in order; the index is the schema version.
+const MIGRATIONS: &[&str] = &[
+    "CREATE TABLE journal (
+        seq INTEGER PRIMARY KEY,
+        at INTEGER NOT NULL,
+        format INTEGER NOT NULL,
+        command_count INTEGER NOT NULL,
+        commands BLOB NOT NULL,
+        receipts BLOB NOT NULL
+    );
+    CREATE TABLE snapshots (
+        seq INTEGER PRIMARY KEY,
+        format INTEGER NOT NULL,
+        state BLOB NOT NULL
+    );
+    CREATE TABLE projection (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        seq INTEGER NOT NULL
+    );
+    INSERT INTO projection (id, seq) VALUES (1, 0);
+    CREATE TABLE operations (
+        id INTEGER PRIMARY KEY,
+        seq INTEGER NOT NULL,
+        kind TEXT NOT NULL,
+        currency TEXT NOT NULL,
+        at INTEGER NOT NULL,
+        legs BLOB NOT NULL
+    );
+    CREATE TABLE movements (
+        wallet_id INTEGER NOT NULL,
+        operation_id INTEGER NOT NULL,
+        kind TEXT NOT NULL,
+        at INTEGER NOT NULL,
+        amount TEXT NOT NULL,
+        balance_after TEXT NOT NULL,
+        grants TEXT NOT NULL,
+        PRIMARY KEY (wallet_id, operation_id)
+    ) WITHOUT ROWID;",
+];
+
+/// How many old snapshots to keep besides the newest, in case the newest is unreadable.
+const SNAPSHOTS_KEPT: i64 = 2;
+
+pub struct SqliteStore {
+    path: PathBuf,
+    connection: Connection,
+}
+
+/// Opens a connection with the pragmas every Tally connection uses.
+pub(crate) fn open_connection(path: &Path) -> Result<Connection, StoreError> {
+    let connection = Connection::open(path)?;
+    connection.busy_timeout(std::time::Duration::from_secs(10))?;
+    connection.pragma_update(None, "journal_mode", "WAL")?;
+    connection.pragma_update(None, "synchronous", "FULL")?;
+    connection.pragma_update(None, "foreign_keys", "ON")?;
+    Ok(connection)
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database file and brings its schema up to date.
+    pub fn open(path: impl AsRef<Path>) -> Result<SqliteStore, StoreError> {
+        let path = path.as_ref().to_path_buf();
+        let mut connection = open_connection(&path)?;
+        let version: i64 = connection.pragma_query_value(None, "user_version", |row| row.get(0))?;
+        let known = MIGRATIONS.len() as i64;
+        if version > known {
+            return Err(StoreError::NewerFormat { found: version as u32, supported: known as u32 });
+        }
+        for (index, migration) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+            let transaction = connection.transaction()?;
+            transaction.execute_batch(migration)?;
+            transaction.pragma_update(None, "user_version", index as i64 + 1)?;
+            transaction.commit()?;
+        }
+        Ok(SqliteStore { path, connection })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The newest durable journal sequence.
+    pub fn last_seq(&self) -> Result<u64, StoreError> {
+        let seq: Option<i64> = self.connection.query_row("SELECT MAX(seq) FROM journal", [], |row| row.get(0))?;
+        Ok(seq.unwrap_or(0) as u64)
+    }
+
+    /// Calls `visit` with every journal record from `from_seq` on, in order.
+    pub fn scan_journal(
+        &self,
+        from_seq: u64,
+        mut visit: impl FnMut(u64, Timestamp, Vec<Command>, &[u8]) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        let mut statement = self
+            .connection
+            .prepare("SELECT seq, at, format, commands, receipts FROM journal WHERE seq >= ?1 ORDER BY seq")?;
+        let mut rows = statement.query(params![from_seq as i64])?;
+        while let Some(row) = rows.next()? {
+            let seq = row.get::<_, i64>(0)? as u64;
+            let at: i64 = row.get(1)?;
+            let format: i64 = row.get(2)?;
+            if format as u32 > FORMAT_VERSION {
+                return Err(StoreError::NewerFormat { found: format as u32, supported: FORMAT_VERSION });
+            }
+            let commands = codec::decode_commands(row.get_ref(3)?.as_blob()?, seq)?;
+            visit(seq, at, commands, row.get_ref(4)?.as_blob()?)?;
+        }
+        Ok(())
+    }
+
+    /// The newest readable snapshot, if any.
+    fn latest_snapshot(&self) -> Result<Option<(u64, State)>, StoreError> {
+        let row: Option<(i64, i64, Vec<u8>)> = self
+            .connection
+            .query_row("SELECT seq, format, state FROM snapshots ORDER BY seq DESC LIMIT 1", [], |row| {
+                Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+            })
+            .optional()?;
+        match row {
+            None => Ok(None),
+            Some((seq, format, bytes)) => {
+                if format as u32 > FORMAT_VERSION {
+                    return Err(StoreError::NewerFormat { found: format as u32, supported: FORMAT_VERSION });
+                }
+                Ok(Some((seq as u64, codec::decode_state(&bytes, seq as u64)?)))
+            }
+        }
+    }
+
+    /// Loads like [`Store::load`], starting from the snapshot or, with `from_scratch`,
+    /// from an empty state and the whole journal.
+    pub fn load_with(&mut self, settings: Settings, from_scratch: bool) -> Result<Loaded, StoreError> {
+        let (mut seq, mut state) = match self.latest_snapshot()? {
+            Some((seq, mut state)) if !from_scratch => {
+                state.settings = settings;
+                (seq, state)
+            }
+            _ => (0, State::new(settings)),
+        };
+        let mut replayed_batches = 0;
+        let mut replayed_commands = 0;
+        self.scan_journal(seq + 1, |batch_seq, at, commands, _| {
+            if batch_seq != seq + 1 {
+                return Err(StoreError::ReplayDiverged { seq: batch_seq, detail: format!("expected sequence {}", seq + 1) });
+            }
+            for command in &commands {
+                if let Err(rejection) = state.apply(command, at) {
+                    return Err(StoreError::ReplayDiverged {
+                        seq: batch_seq,
+                        detail: format!("a journaled command was rejected on replay: {}", rejection.code()),
+                    });
+                }
+            }
+            replayed_batches += 1;
+            replayed_commands += commands.len() as u64;
+            seq = batch_seq;
+            Ok(())
+        })?;
+        let problems = state.check_invariants();
+        if !problems.is_empty() {
+            return Err(StoreError::Invariants(problems));
+        }
+        Ok(Loaded { state, seq, replayed_batches, replayed_commands })
+    }
+}
+
+impl Store for SqliteStore {
+    fn load(&mut self, settings: Settings) -> Result<Loaded, StoreError> {
+        self.load_with(settings, false)
+    }
+
+    fn commit(&mut self, batch: &JournalBatch<'_>) -> Result<(), StoreError> {
+        let commands: Vec<&Command> = batch.entries.iter().map(|(command, _)| *command).collect();
+        let receipts: Vec<&Receipt> = batch.entries.iter().map(|(_, receipt)| *receipt).collect();
+        let commands = codec::encode(&commands);
+        let receipts = codec::encode(&receipts);
+        let transaction = self.connection.transaction()?;
+        transaction
+            .prepare_cached(
+                "INSERT INTO journal (seq, at, format, command_count, commands, receipts) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?
+            .execute(params![
+                batch.seq as i64,
+                batch.at,
+                FORMAT_VERSION,
+                batch.entries.len() as i64,
+                commands,
+                receipts
+            ])?;
+        transaction.commit()?;
+        Ok(())
+    }
+
+    fn write_snapshot(&mut self, seq: u64, encoded: &[u8]) -> Result<(), StoreError> {
+        let transaction = self.connection.transaction()?;
+        transaction.execute(
+            "INSERT OR REPLACE INTO snapshots (seq, format, state) VALUES (?1, ?2, ?3)",
+            params![seq as i64, FORMAT_VERSION, encoded],
+        )?;
+        transaction.execute(
+            "DELETE FROM snapshots WHERE seq NOT IN (SELECT seq FROM snapshots ORDER BY seq DESC LIMIT ?1)",
+            params![SNAPSHOTS_KEPT + 1],
+        )?;
+        transaction.commit()?;
+        Ok(())
+    }
+}
+
+/// Encodes a state for [`Store::write_snapshot`]; the engine calls it on its own thread.
+pub fn encode_snapshot(state: &State) -> Vec<u8> {
+    codec::encode_state(state)
+}
