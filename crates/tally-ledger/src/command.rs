@@ -19,6 +19,36 @@ pub const HOLD_TTL_MAX_MS: i64 = 7 * 24 * 3600 * 1000;
 /// Shortest hold: one second, so a hold cannot expire before its answer arrives.
 pub const HOLD_TTL_MIN_MS: i64 = 1000;
 
+/// A client's idempotency key, kept as a 128-bit BLAKE3 digest of its scope (whose key
+/// it is: an API key owner) and its text. The digest is computed where the request
+/// enters, off the writer thread, and is all the ledger stores: fixed size, and keys of
+/// different scopes can never meet.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct IdempotencyKey(pub u128);
+
+impl IdempotencyKey {
+    /// Checks the key's length (1 to 255 bytes) and digests it with its scope.
+    pub fn new(scope: &str, key: &str) -> Result<IdempotencyKey, crate::Rejection> {
+        if key.is_empty() || key.len() > TEXT_LENGTH_MAX || scope.len() > TEXT_LENGTH_MAX {
+            return Err(crate::Rejection::TextLengthOutOfRange);
+        }
+        let mut hasher = blake3::Hasher::new();
+        hasher.update(&(scope.len() as u64).to_le_bytes());
+        hasher.update(scope.as_bytes());
+        hasher.update(key.as_bytes());
+        let digest = hasher.finalize();
+        let mut bytes = [0u8; 16];
+        bytes.copy_from_slice(&digest.as_bytes()[..16]);
+        Ok(IdempotencyKey(u128::from_le_bytes(bytes)))
+    }
+}
+
+impl std::fmt::Debug for IdempotencyKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "key:{:032x}", self.0)
+    }
+}
+
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum WalletStatus {
@@ -30,6 +60,7 @@ pub enum WalletStatus {
 /// The platform's own accounts, one of each per currency. Only these may be negative.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[repr(u8)]
 pub enum SystemAccount {
     /// Money arriving from, and leaving to, payment providers: the outside world.
     ExternalFunding,
@@ -193,7 +224,10 @@ pub enum Command {
     },
     SetWalletStatus { wallet: WalletId, status: WalletStatus },
     SetLowBalanceThreshold { wallet: WalletId, threshold: Option<Amount> },
-    Move { key: String, action: MoneyAction },
+    Move { key: IdempotencyKey, action: MoneyAction },
+    /// Changes the ledger's settings. Settings are journaled like everything else, so a
+    /// replay decides exactly as the original run did.
+    Configure { settings: crate::state::Settings },
     /// Expires due holds, grants and idempotency keys. The engine issues it when
     /// something is due, so expiry happens on time without any request.
     Tick,
@@ -252,8 +286,11 @@ pub struct Operation {
     pub kind: OperationKind,
     pub currency: Currency,
     pub at: Timestamp,
-    pub legs: Vec<Leg>,
+    pub legs: Legs,
 }
+
+/// An operation's legs; a charge has three, so they are kept inline.
+pub type Legs = smallvec::SmallVec<[Leg; 3]>;
 
 /// The short form of an accepted money-moving result, kept with its idempotency key so
 /// a repeat answers with the same operation and object.
@@ -269,6 +306,7 @@ pub enum Receipt {
     OrganizationCreated(OrganizationId),
     WalletCreated(WalletId),
     WalletUpdated(WalletId),
+    Configured,
     /// A credit, debit, transfer or charge; a grant credit also names the new grant.
     Posted { operation: Operation, grant: Option<GrantId> },
     HoldPlaced { hold: HoldId, expires_at: Timestamp },
@@ -278,7 +316,8 @@ pub enum Receipt {
     /// meanwhile are swept by the next tick.
     HoldReleased { hold: HoldId, released: Amount },
     GrantVoided { grant: GrantId, operation: Option<Operation> },
-    /// What a tick expired.
+    /// What a tick expired; `keys_pruned` is non-zero when it turned the generation of
+    /// idempotency keys.
     Expired { holds: Vec<HoldId>, operations: Vec<Operation>, keys_pruned: u64 },
     /// A repeat of an idempotency key: the original result, not applied again.
     Replayed(ReceiptRef),

@@ -3,6 +3,7 @@
 
 pub mod command;
 pub mod ids;
+pub mod keys;
 pub mod money;
 pub mod rejection;
 pub mod state;
@@ -11,4 +12,4 @@ pub use command::*;
 pub use ids::*;
 pub use money::{Amount, Currency, Money, MoneyError, PartsPerMillion};
 pub use rejection::Rejection;
-pub use state::{fingerprint, Grant, GrantStatus, Hold, Portion, Reservation, Settings, State, Wallet};
+pub use state::{fingerprint, IdempotencyRecord, Grant, GrantStatus, Hold, Portion, Reservation, Settings, State, Wallet};

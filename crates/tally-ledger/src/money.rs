@@ -231,6 +231,10 @@ impl Amount {
     /// Used for platform fees: the fee never exceeds the exact product.
     pub fn times_parts_per_million_round_down(self, rate: PartsPerMillion) -> Result<Amount, MoneyError> {
         let product = self.0.checked_mul(i128::from(rate.0)).ok_or(MoneyError::Overflow)?;
+        // 128-bit division is slow; most products fit in 64 bits and divide natively.
+        if let Ok(small) = i64::try_from(product) {
+            return Ok(Amount(i128::from(small.div_euclid(1_000_000))));
+        }
         Ok(Amount(product.div_euclid(1_000_000)))
     }
 }

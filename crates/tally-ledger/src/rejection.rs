@@ -56,6 +56,8 @@ pub enum Rejection {
     TooManyItems,
     #[error("the wallet's status does not allow this change")]
     InvalidStatusChange,
+    #[error("a ledger setting is outside its allowed range")]
+    InvalidSetting,
 }
 
 impl Rejection {
@@ -88,6 +90,7 @@ impl Rejection {
             TextLengthOutOfRange => "text_length_out_of_range",
             TooManyItems => "too_many_items",
             InvalidStatusChange => "invalid_status_change",
+            InvalidSetting => "invalid_setting",
         }
     }
 
@@ -118,6 +121,7 @@ impl Rejection {
         Rejection::TextLengthOutOfRange,
         Rejection::TooManyItems,
         Rejection::InvalidStatusChange,
+        Rejection::InvalidSetting,
     ];
 }
 

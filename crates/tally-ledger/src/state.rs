@@ -7,17 +7,22 @@ use crate::ids::*;
 use crate::money::{Amount, Currency, Money};
 use crate::rejection::Rejection;
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use crate::keys::KeyTable;
+use rustc_hash::FxHashMap;
+use smallvec::SmallVec;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::hash::{Hash, Hasher};
 
 /// How long an idempotency key is remembered unless configured otherwise: 24 hours.
 pub const IDEMPOTENCY_RETENTION_DEFAULT_MS: i64 = 24 * 3600 * 1000;
+/// Shortest allowed idempotency retention: the contract promises at least 24 hours.
+pub const IDEMPOTENCY_RETENTION_MIN_MS: i64 = IDEMPOTENCY_RETENTION_DEFAULT_MS;
 /// Most live grants in one wallet; each debit walks them, so they must stay few.
 pub const WALLET_GRANTS_MAX: usize = 64;
 /// Most active holds on one wallet; bounds the reservations a wallet can accumulate.
 pub const WALLET_HOLDS_MAX: u32 = 10_000;
 
-#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Hash)]
 pub struct Settings {
     pub idempotency_retention_ms: i64,
 }
@@ -28,10 +33,10 @@ impl Default for Settings {
     }
 }
 
+/// The ledger knows only that an organization exists; its details live with the server.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Organization {
     pub id: OrganizationId,
-    pub name: String,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -51,7 +56,9 @@ pub struct Wallet {
     pub low_balance_threshold: Option<Amount>,
     /// Grants with something remaining, in spending order.
     pub grants: Vec<GrantId>,
-    pub exclusive_hold: Option<HoldId>,
+    /// The active exclusive hold's id, or 0 for none (kept as a bare u64 to keep
+    /// wallets small: a million of them must fit in 300 MB).
+    pub exclusive_hold: u64,
     pub active_holds: u32,
 }
 
@@ -117,23 +124,62 @@ pub struct Reservation {
     pub amount: i128,
 }
 
+/// The portions one debit or hold takes; almost always one or two, so kept inline.
+pub type Plan = SmallVec<[Reservation; 2]>;
+
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Hold {
     pub id: HoldId,
     pub wallet: WalletId,
     pub amount: i128,
-    pub reservations: Vec<Reservation>,
+    pub reservations: Plan,
     pub expires_at: Timestamp,
     pub exclusive: bool,
     pub payee: Option<WalletId>,
     pub placed_at: Timestamp,
 }
 
+/// What is remembered of an accepted key: 32 bytes, so millions fit.
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct IdempotencyRecord {
     pub fingerprint: u64,
-    pub reference: ReceiptRef,
-    pub expires_at: Timestamp,
+    /// The operation posted, or 0.
+    pub operation: u64,
+    /// The hold or grant the request made or touched, or 0.
+    pub object: u64,
+    pub object_is_grant: bool,
+}
+
+impl IdempotencyRecord {
+    fn new(fingerprint: u64, reference: ReceiptRef) -> IdempotencyRecord {
+        let (object, object_is_grant) = match (reference.hold, reference.grant) {
+            (Some(hold), _) => (hold.0, false),
+            (None, Some(grant)) => (grant.0, true),
+            (None, None) => (0, false),
+        };
+        IdempotencyRecord {
+            fingerprint,
+            operation: reference.operation.map_or(0, |o| o.0),
+            object,
+            object_is_grant,
+        }
+    }
+
+    pub fn reference(&self) -> ReceiptRef {
+        let object = (self.object != 0).then_some(self.object);
+        ReceiptRef {
+            operation: (self.operation != 0).then_some(OperationId(self.operation)),
+            hold: object.filter(|_| !self.object_is_grant).map(HoldId),
+            grant: object.filter(|_| self.object_is_grant).map(GrantId),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SystemBalances {
+    pub currency: Currency,
+    /// Indexed by `SystemAccount as usize`.
+    pub balances: [i128; SystemAccount::ALL.len()],
 }
 
 /// Everything a decision needs. Owned by exactly one thread (the engine's writer).
@@ -143,38 +189,119 @@ pub struct State {
     pub organizations: Vec<Organization>,
     pub wallets: Vec<Wallet>,
     pub grants: Vec<Grant>,
-    pub holds: HashMap<HoldId, Hold>,
+    pub holds: FxHashMap<HoldId, Hold>,
     pub next_hold_id: u64,
     pub next_operation_id: u64,
-    pub system: BTreeMap<(Currency, SystemAccount), i128>,
-    pub wallet_index: HashMap<(OrganizationId, Currency), WalletId>,
-    pub idempotency: HashMap<String, IdempotencyRecord>,
-    pub idempotency_expiry: VecDeque<(Timestamp, String)>,
+    /// The system accounts' balances, one row per currency seen (a handful, so a list).
+    pub system: Vec<SystemBalances>,
+    pub wallet_index: FxHashMap<(OrganizationId, Currency), WalletId>,
+    /// Idempotency keys in two generations: a key lives in `current` from its first use
+    /// and moves, with its whole generation, to `previous` when the retention period
+    /// has passed; `previous` is dropped at the next turn. So every key is kept for at
+    /// least the retention period (and at most twice it), with no per-key expiry work.
+    pub idempotency: KeyTable,
+    pub idempotency_previous: KeyTable,
+    pub idempotency_generation_started_at: Timestamp,
     pub hold_expiry: BTreeSet<(Timestamp, HoldId)>,
     /// Grants to sweep at a time: active grants at their expiry, and expired or voided
     /// grants whose released reservations must be swept now.
     pub grant_sweeps: BTreeSet<(Timestamp, GrantId)>,
 }
 
-/// A deterministic 64-bit FNV-1a hasher. Request fingerprints are stored and compared
-/// across restarts, so they must not depend on a random seed.
-struct Fingerprinter(u64);
-
-impl Hasher for Fingerprinter {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for byte in bytes {
-            self.0 ^= u64::from(*byte);
-            self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
+/// A cache hint: start loading `value`'s memory now. A no-op where unsupported.
+#[inline(always)]
+pub(crate) fn prefetch<T>(value: &T) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        // SAFETY: prefetch is a hint; it never faults, and the pointer comes from a reference.
+        #[allow(unused_unsafe)]
+        unsafe {
+            _mm_prefetch::<_MM_HINT_T0>((value as *const T).cast::<i8>());
         }
     }
 }
 
+/// Prefetches every cache line of `value`.
+#[inline(always)]
+fn prefetch_lines<T>(value: &T) {
+    let start = (value as *const T).cast::<u8>();
+    for offset in (0..std::mem::size_of::<T>()).step_by(64) {
+        // SAFETY: the offset stays inside `value`, so the pointer is in bounds.
+        prefetch(unsafe { &*start.add(offset) });
+    }
+}
+
+/// A deterministic word-at-a-time hasher for request fingerprints. Fingerprints are
+/// stored and compared across restarts, so they must not depend on a random seed; they
+/// only tell a repeat from a different request under the same (client-chosen) key.
+struct Fingerprinter(u64);
+
+const FINGERPRINT_MULTIPLIER: u64 = 0x9e37_79b9_7f4a_7c15;
+
+impl Fingerprinter {
+    fn mix(&mut self, word: u64) {
+        self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(FINGERPRINT_MULTIPLIER);
+    }
+}
+
+impl Hasher for Fingerprinter {
+    fn finish(&self) -> u64 {
+        // A final avalanche so that nearby inputs give unrelated fingerprints.
+        let mut x = self.0;
+        x ^= x >> 33;
+        x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
+        x ^= x >> 33;
+        x
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        let mut chunks = bytes.chunks_exact(8);
+        for chunk in &mut chunks {
+            self.mix(u64::from_le_bytes(chunk.try_into().expect("8 bytes")));
+        }
+        let mut tail = [0u8; 8];
+        let rest = chunks.remainder();
+        tail[..rest.len()].copy_from_slice(rest);
+        self.mix(u64::from_le_bytes(tail) ^ ((rest.len() as u64) << 59));
+    }
+
+    fn write_u8(&mut self, value: u8) {
+        self.mix(u64::from(value));
+    }
+
+    fn write_u32(&mut self, value: u32) {
+        self.mix(u64::from(value));
+    }
+
+    fn write_u64(&mut self, value: u64) {
+        self.mix(value);
+    }
+
+    fn write_i64(&mut self, value: i64) {
+        self.mix(value as u64);
+    }
+
+    fn write_u128(&mut self, value: u128) {
+        self.mix(value as u64);
+        self.mix((value >> 64) as u64);
+    }
+
+    fn write_i128(&mut self, value: i128) {
+        self.write_u128(value as u128);
+    }
+
+    fn write_usize(&mut self, value: usize) {
+        self.mix(value as u64);
+    }
+
+    fn write_isize(&mut self, value: isize) {
+        self.mix(value as u64);
+    }
+}
+
 pub fn fingerprint(action: &MoneyAction) -> u64 {
-    let mut hasher = Fingerprinter(0xcbf2_9ce4_8422_2325);
+    let mut hasher = Fingerprinter(0x243f_6a88_85a3_08d3);
     action.hash(&mut hasher);
     hasher.finish()
 }
@@ -235,7 +362,25 @@ impl State {
     }
 
     pub fn system_balance(&self, currency: Currency, account: SystemAccount) -> Amount {
-        Amount::from_units(self.system.get(&(currency, account)).copied().unwrap_or(0))
+        Amount::from_units(self.system_units(currency, account))
+    }
+
+    fn system_units(&self, currency: Currency, account: SystemAccount) -> i128 {
+        self.system
+            .iter()
+            .find(|row| row.currency == currency)
+            .map_or(0, |row| row.balances[account as usize])
+    }
+
+    fn system_row(&mut self, currency: Currency) -> &mut SystemBalances {
+        let index = match self.system.iter().position(|row| row.currency == currency) {
+            Some(index) => index,
+            None => {
+                self.system.push(SystemBalances { currency, balances: [0; SystemAccount::ALL.len()] });
+                self.system.len() - 1
+            }
+        };
+        &mut self.system[index]
     }
 
     /// The earliest time at which a tick has something to do.
@@ -243,7 +388,8 @@ impl State {
         [
             self.hold_expiry.first().map(|(at, _)| *at),
             self.grant_sweeps.first().map(|(at, _)| *at),
-            self.idempotency_expiry.front().map(|(at, _)| *at),
+            (!self.idempotency.is_empty() || !self.idempotency_previous.is_empty())
+                .then(|| self.idempotency_generation_started_at.saturating_add(self.settings.idempotency_retention_ms)),
         ]
         .into_iter()
         .flatten()
@@ -256,7 +402,7 @@ impl State {
             Command::CreateOrganization { name } => {
                 text_ok(name, false)?;
                 let id = OrganizationId(self.organizations.len() as u64 + 1);
-                self.organizations.push(Organization { id, name: name.clone() });
+                self.organizations.push(Organization { id });
                 Ok(Receipt::OrganizationCreated(id))
             }
             Command::CreateWallet { organization, currency, low_balance_threshold, additional } => {
@@ -280,7 +426,7 @@ impl State {
                     held: 0,
                     low_balance_threshold: *low_balance_threshold,
                     grants: Vec::new(),
-                    exclusive_hold: None,
+                    exclusive_hold: 0,
                     active_holds: 0,
                 });
                 if !exists {
@@ -311,27 +457,31 @@ impl State {
                 Ok(Receipt::WalletUpdated(*wallet))
             }
             Command::Move { key, action } => {
-                text_ok(key, false)?;
                 let fingerprint = fingerprint(action);
-                if let Some(record) = self.idempotency.get(key.as_str()) {
+                let known = self.idempotency.get(key.0).or_else(|| self.idempotency_previous.get(key.0));
+                if let Some(record) = known {
                     return if record.fingerprint == fingerprint {
-                        Ok(Receipt::Replayed(record.reference))
+                        Ok(Receipt::Replayed(record.reference()))
                     } else {
                         Err(Rejection::IdempotencyKeyMismatch)
                     };
                 }
                 let receipt = self.apply_action(action, now)?;
-                let expires_at = now.saturating_add(self.settings.idempotency_retention_ms);
-                let record = IdempotencyRecord { fingerprint, reference: receipt.reference(), expires_at };
-                self.idempotency.insert(key.clone(), record);
-                self.idempotency_expiry.push_back((expires_at, key.clone()));
+                self.idempotency.insert_new(key.0, IdempotencyRecord::new(fingerprint, receipt.reference()));
                 Ok(receipt)
+            }
+            Command::Configure { settings } => {
+                if settings.idempotency_retention_ms < IDEMPOTENCY_RETENTION_MIN_MS {
+                    return Err(Rejection::InvalidSetting);
+                }
+                self.settings = *settings;
+                Ok(Receipt::Configured)
             }
             Command::Tick => Ok(self.tick(now)),
         }
     }
 
-    fn next_operation(&mut self, kind: OperationKind, currency: Currency, now: Timestamp, legs: Vec<Leg>) -> Operation {
+    fn next_operation(&mut self, kind: OperationKind, currency: Currency, now: Timestamp, legs: Legs) -> Operation {
         let id = OperationId(self.next_operation_id);
         self.next_operation_id += 1;
         debug_assert_eq!(legs.iter().map(|l| l.amount.units()).sum::<i128>(), 0, "legs must sum to zero");
@@ -340,7 +490,7 @@ impl State {
 
     /// Adds `amount` to a system account and returns its leg.
     fn post_system(&mut self, account: SystemAccount, currency: Currency, amount: i128) -> Leg {
-        let balance = self.system.entry((currency, account)).or_insert(0);
+        let balance = &mut self.system_row(currency).balances[account as usize];
         *balance += amount;
         Leg {
             account: Account::System(account, currency),
@@ -351,8 +501,7 @@ impl State {
     }
 
     fn system_fits(&self, account: SystemAccount, currency: Currency, amount: i128) -> Result<(), Rejection> {
-        let balance = self.system.get(&(currency, account)).copied().unwrap_or(0);
-        add(balance, amount).map(|_| ())
+        add(self.system_units(currency, account), amount).map(|_| ())
     }
 
     fn wallet_leg(&self, wallet: WalletId, amount: i128, grants: Vec<GrantPortion>) -> Leg {
@@ -396,12 +545,12 @@ impl State {
         product: Option<ProductId>,
         any_grant: bool,
         now: Timestamp,
-    ) -> Result<Vec<Reservation>, Rejection> {
+    ) -> Result<Plan, Rejection> {
         if amount > wallet.main + wallet.granted - wallet.held {
             return Err(Rejection::InsufficientFunds);
         }
         let mut left = amount;
-        let mut plan = Vec::new();
+        let mut plan = Plan::new();
         for grant_id in &wallet.grants {
             if left == 0 {
                 break;
@@ -501,7 +650,7 @@ impl State {
                 let plan = self.plan_spend(w, units, None, None, true, now)?;
                 self.system_fits(source.account(), amount.currency, units)?;
                 let portions = self.spend(*wallet, &plan, false);
-                let legs = vec![
+                let legs = smallvec::smallvec![
                     self.wallet_leg(*wallet, -units, portions),
                     self.post_system(source.account(), amount.currency, units),
                 ];
@@ -523,7 +672,7 @@ impl State {
                 let plan = self.plan_spend(payer, units, Some(payee.organization), *product, false, now)?;
                 let portions = self.spend(*from, &plan, false);
                 self.wallet_mut(*to).main += net;
-                let mut legs = Vec::with_capacity(3);
+                let mut legs = Legs::new();
                 legs.push(self.wallet_leg(*from, -units, portions));
                 legs.push(self.wallet_leg(*to, net, Vec::new()));
                 if fee_units > 0 {
@@ -543,7 +692,7 @@ impl State {
                     return Err(Rejection::HoldTtlOutOfRange);
                 }
                 let w = self.debitable_wallet(*wallet, amount.currency)?;
-                if w.exclusive_hold.is_some() {
+                if w.exclusive_hold != 0 {
                     return Err(Rejection::WalletOnHold);
                 }
                 if w.active_holds >= WALLET_HOLDS_MAX {
@@ -567,7 +716,7 @@ impl State {
                 w.held += units;
                 w.active_holds += 1;
                 if *exclusive {
-                    w.exclusive_hold = Some(id);
+                    w.exclusive_hold = id.0;
                 }
                 let expires_at = now.saturating_add(*ttl_ms);
                 self.holds.insert(
@@ -611,8 +760,8 @@ impl State {
                 // Checks are done; from here on nothing fails.
                 let held = self.holds.remove(hold).expect("hold checked above");
                 let mut left = capture;
-                let mut taken = Vec::new();
-                let mut returned = Vec::new();
+                let mut taken = Plan::new();
+                let mut returned = Plan::new();
                 for reservation in &held.reservations {
                     let take = reservation.amount.min(left);
                     left -= take;
@@ -627,7 +776,7 @@ impl State {
                 self.unreserve(&held, &returned, now);
                 self.close_hold(&held);
                 self.wallet_mut(*to).main += capture - fee_units;
-                let mut legs = Vec::with_capacity(3);
+                let mut legs = Legs::new();
                 legs.push(self.wallet_leg(held.wallet, -capture, portions));
                 legs.push(self.wallet_leg(*to, capture - fee_units, Vec::new()));
                 if fee_units > 0 {
@@ -729,7 +878,7 @@ impl State {
                 (Some(id), vec![GrantPortion { grant: id, amount: Amount::from_units(units) }])
             }
         };
-        let legs = vec![self.wallet_leg(wallet, units, portions), source_leg];
+        let legs = smallvec::smallvec![self.wallet_leg(wallet, units, portions), source_leg];
         let operation_kind = match (kind, grant_id) {
             (_, Some(_)) => OperationKind::GrantCredit,
             (CreditKind::TopUp, None) => OperationKind::TopUp,
@@ -769,8 +918,8 @@ impl State {
         let w = self.wallet_mut(hold.wallet);
         w.held -= hold.amount;
         w.active_holds -= 1;
-        if w.exclusive_hold == Some(hold.id) {
-            w.exclusive_hold = None;
+        if w.exclusive_hold == hold.id.0 {
+            w.exclusive_hold = 0;
         }
     }
 
@@ -795,11 +944,73 @@ impl State {
             w.grants.retain(|g| *g != grant_id);
         }
         let currency = w.currency;
-        let legs = vec![
+        let legs = smallvec::smallvec![
             self.wallet_leg(wallet, -amount, vec![GrantPortion { grant: grant_id, amount: Amount::from_units(-amount) }]),
             self.post_system(account, currency, amount),
         ];
         Some(self.next_operation(kind, currency, now, legs))
+    }
+
+    /// Hints the processor to load what `command` will touch, so that when the writer
+    /// applies a batch it can fetch the next commands' wallets and keys while it works
+    /// on the current one. Changes nothing.
+    pub fn prefetch(&self, command: &Command) {
+        let Command::Move { key, action } = command else { return };
+        self.idempotency.prefetch(key.0);
+        // Only addresses are computed here: reading the wallet itself would wait for
+        // the very memory the prefetch is meant to hide.
+        for wallet in self.wallets_touched(action).into_iter().flatten() {
+            prefetch_lines(wallet);
+        }
+    }
+
+    /// The second prefetch stage, a few commands later than [`State::prefetch`]: the
+    /// wallets are in cache by then, so their first grant can be looked up and fetched.
+    pub fn prefetch_dependent(&self, command: &Command) {
+        let Command::Move { action, .. } = command else { return };
+        for wallet in self.wallets_touched(action).into_iter().flatten() {
+            if let Some(grant) = wallet.grants.first() {
+                if let Some(grant) = self.grants.get((grant.0 as usize).wrapping_sub(1)) {
+                    prefetch_lines(grant);
+                }
+            }
+        }
+    }
+
+    fn wallets_touched(&self, action: &MoneyAction) -> [Option<&Wallet>; 2] {
+        let wallet_slot = |id: WalletId| self.wallets.get((id.0 as usize).wrapping_sub(1));
+        let (first, second) = match action {
+            MoneyAction::Transfer { from, to, .. } => (wallet_slot(*from), wallet_slot(*to)),
+            MoneyAction::Credit { wallet, .. } | MoneyAction::Debit { wallet, .. } => (wallet_slot(*wallet), None),
+            MoneyAction::PlaceHold { wallet, .. } => (wallet_slot(*wallet), None),
+            _ => (None, None),
+        };
+        [first, second]
+    }
+
+    /// Makes room for `additional` idempotency keys ahead of time; capacity only, so
+    /// it changes no decision.
+    pub fn reserve_idempotency_keys(&mut self, additional: usize) {
+        self.idempotency.reserve(additional);
+    }
+
+    /// Starts a new generation of idempotency keys once the current one is as old as the
+    /// retention period, forgetting the generation before it. Returns the keys forgotten.
+    fn turn_idempotency_generation(&mut self, now: Timestamp) -> u64 {
+        let due = self.idempotency_generation_started_at.saturating_add(self.settings.idempotency_retention_ms);
+        if now < due {
+            return 0;
+        }
+        let forgotten = self.idempotency_previous.len() as u64;
+        // The next generation will likely be as large as this one; sizing it now avoids
+        // growing a large table (and copying it) while commands wait.
+        let expected = self.idempotency.len();
+        let next = KeyTable::with_capacity(expected);
+        self.idempotency_previous = std::mem::replace(&mut self.idempotency, next);
+        self.idempotency_generation_started_at = now;
+        // A turn with nothing to forget changes only the start time; report the moved
+        // generation too, so the tick that did it is journaled and replays the same.
+        forgotten + self.idempotency_previous.len() as u64 + 1
     }
 
     /// Expires everything due at `now`, in time order.
@@ -826,15 +1037,7 @@ impl State {
             }
             operations.extend(self.sweep_grant(id, now));
         }
-        let mut keys_pruned = 0;
-        while let Some((at, _)) = self.idempotency_expiry.front() {
-            if *at > now {
-                break;
-            }
-            let (_, key) = self.idempotency_expiry.pop_front().expect("front exists");
-            self.idempotency.remove(&key);
-            keys_pruned += 1;
-        }
+        let keys_pruned = self.turn_idempotency_generation(now);
         Receipt::Expired { holds, operations, keys_pruned }
     }
 
@@ -842,8 +1045,8 @@ impl State {
     pub fn check_invariants(&self) -> Vec<String> {
         let mut problems = Vec::new();
         let mut sums: BTreeMap<Currency, i128> = BTreeMap::new();
-        for ((currency, _), balance) in &self.system {
-            *sums.entry(*currency).or_default() += balance;
+        for row in &self.system {
+            *sums.entry(row.currency).or_default() += row.balances.iter().sum::<i128>();
         }
         let mut grant_remaining: HashMap<WalletId, i128> = HashMap::new();
         let mut grant_reserved: HashMap<GrantId, i128> = HashMap::new();

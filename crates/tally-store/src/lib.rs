@@ -3,10 +3,12 @@
 //! restart time; the queryable history (operations, movements) is projected from the
 //! journal by a separate thread, off the commit path.
 
+mod check;
 mod codec;
 mod projector;
 mod sqlite;
 
+pub use check::{deep_check, CheckReport};
 pub use codec::{decode_commands, decode_receipts, FORMAT_VERSION};
 pub use projector::{HistoryReader, Movement, MovementFilter, Projector};
 pub use sqlite::{encode_snapshot, SqliteStore};

@@ -135,14 +135,11 @@ impl SqliteStore {
         }
     }
 
-    /// Loads like [`Store::load`], starting from the snapshot or, with `from_scratch`,
+    /// Loads like [`Store::load`] (`settings` apply to a new, empty ledger), starting from the snapshot or, with `from_scratch`,
     /// from an empty state and the whole journal.
     pub fn load_with(&mut self, settings: Settings, from_scratch: bool) -> Result<Loaded, StoreError> {
         let (mut seq, mut state) = match self.latest_snapshot()? {
-            Some((seq, mut state)) if !from_scratch => {
-                state.settings = settings;
-                (seq, state)
-            }
+            Some((seq, state)) if !from_scratch => (seq, state),
             _ => (0, State::new(settings)),
         };
         let mut replayed_batches = 0;
