@@ -13,9 +13,8 @@ pub struct SystemClock;
 
 impl Clock for SystemClock {
     fn now(&self) -> Timestamp {
-        let elapsed = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .expect("the system clock is after 1970");
+        let elapsed =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("the system clock is after 1970");
         i64::try_from(elapsed.as_millis()).expect("milliseconds fit in i64")
     }
 }

@@ -36,6 +36,8 @@ pub enum Request {
     Read(ReadFn),
 }
 
+// Receipts are moved, not boxed: one allocation less per command on the hot path.
+#[allow(clippy::large_enum_variant)]
 pub enum Answer {
     Receipt(Receipt),
     Read(Box<dyn Any + Send>),
@@ -286,9 +288,6 @@ impl Writer {
     fn run(mut self, requests: Receiver<Message>) {
         let mut shutting_down = false;
         while !shutting_down {
-            if self.failed.load(Ordering::Acquire) {
-                self.recover();
-            }
             let wait = match self.state.next_due() {
                 Some(due) => Duration::from_millis(due.saturating_sub(self.clock.now()).clamp(0, 50) as u64),
                 None => IDLE_WAKE_MAX,
@@ -298,6 +297,11 @@ impl Writer {
                 Err(RecvTimeoutError::Timeout) => None,
                 Err(RecvTimeoutError::Disconnected) => break,
             };
+            // Checked after the wait, so a request sent after a failed commit was
+            // answered is applied to the reloaded state, not the stale one.
+            if self.failed.load(Ordering::Acquire) {
+                self.recover();
+            }
             let now = self.now();
             let mut entries = Vec::new();
             if self.state.next_due().is_some_and(|due| due <= now) {
@@ -337,7 +341,9 @@ impl Writer {
             if !entries.is_empty() {
                 self.send_batch(now, entries);
             }
-            if self.since_snapshot >= self.config.snapshot_every_commands || (shutting_down && self.config.snapshot_on_shutdown && self.since_snapshot > 0) {
+            if self.since_snapshot >= self.config.snapshot_every_commands
+                || (shutting_down && self.config.snapshot_on_shutdown && self.since_snapshot > 0)
+            {
                 self.snapshot();
             }
         }

@@ -183,7 +183,12 @@ pub enum MoneyAction {
         reason: String,
     },
     /// Takes money out of a wallet (admin debit), never below available.
-    Debit { wallet: WalletId, amount: Money, source: AdjustmentSource, reason: String },
+    Debit {
+        wallet: WalletId,
+        amount: Money,
+        source: AdjustmentSource,
+        reason: String,
+    },
     /// Moves money between two wallets in one currency; the fee goes to platform revenue.
     Transfer {
         from: WalletId,
@@ -206,15 +211,27 @@ pub enum MoneyAction {
         description: String,
     },
     /// Captures up to the held amount into `to` (less the fee); the rest is released.
-    CaptureHold { hold: HoldId, amount: Option<Amount>, to: WalletId, fee: Fee },
-    ReleaseHold { hold: HoldId },
+    CaptureHold {
+        hold: HoldId,
+        amount: Option<Amount>,
+        to: WalletId,
+        fee: Fee,
+    },
+    ReleaseHold {
+        hold: HoldId,
+    },
     /// Expires what is left of a grant now, moving it back to its source.
-    VoidGrant { grant: GrantId, reason: String },
+    VoidGrant {
+        grant: GrantId,
+        reason: String,
+    },
 }
 
 #[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
 pub enum Command {
-    CreateOrganization { name: String },
+    CreateOrganization {
+        name: String,
+    },
     CreateWallet {
         organization: OrganizationId,
         currency: Currency,
@@ -222,12 +239,23 @@ pub enum Command {
         /// An organization has one wallet per currency unless it asks for more.
         additional: bool,
     },
-    SetWalletStatus { wallet: WalletId, status: WalletStatus },
-    SetLowBalanceThreshold { wallet: WalletId, threshold: Option<Amount> },
-    Move { key: IdempotencyKey, action: MoneyAction },
+    SetWalletStatus {
+        wallet: WalletId,
+        status: WalletStatus,
+    },
+    SetLowBalanceThreshold {
+        wallet: WalletId,
+        threshold: Option<Amount>,
+    },
+    Move {
+        key: IdempotencyKey,
+        action: MoneyAction,
+    },
     /// Changes the ledger's settings. Settings are journaled like everything else, so a
     /// replay decides exactly as the original run did.
-    Configure { settings: crate::state::Settings },
+    Configure {
+        settings: crate::state::Settings,
+    },
     /// Expires due holds, grants and idempotency keys. The engine issues it when
     /// something is due, so expiry happens on time without any request.
     Tick,
@@ -308,17 +336,37 @@ pub enum Receipt {
     WalletUpdated(WalletId),
     Configured,
     /// A credit, debit, transfer or charge; a grant credit also names the new grant.
-    Posted { operation: Operation, grant: Option<GrantId> },
-    HoldPlaced { hold: HoldId, expires_at: Timestamp },
+    Posted {
+        operation: Operation,
+        grant: Option<GrantId>,
+    },
+    HoldPlaced {
+        hold: HoldId,
+        expires_at: Timestamp,
+    },
     /// A capture posts an operation; the uncaptured rest is released.
-    HoldCaptured { hold: HoldId, operation: Operation, released: Amount },
+    HoldCaptured {
+        hold: HoldId,
+        operation: Operation,
+        released: Amount,
+    },
     /// A release returns the reservation; parts of grants that expired or were voided
     /// meanwhile are swept by the next tick.
-    HoldReleased { hold: HoldId, released: Amount },
-    GrantVoided { grant: GrantId, operation: Option<Operation> },
+    HoldReleased {
+        hold: HoldId,
+        released: Amount,
+    },
+    GrantVoided {
+        grant: GrantId,
+        operation: Option<Operation>,
+    },
     /// What a tick expired; `keys_pruned` is non-zero when it turned the generation of
     /// idempotency keys.
-    Expired { holds: Vec<HoldId>, operations: Vec<Operation>, keys_pruned: u64 },
+    Expired {
+        holds: Vec<HoldId>,
+        operations: Vec<Operation>,
+        keys_pruned: u64,
+    },
     /// A repeat of an idempotency key: the original result, not applied again.
     Replayed(ReceiptRef),
 }

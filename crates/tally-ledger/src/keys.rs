@@ -15,10 +15,8 @@ struct Slot {
     record: IdempotencyRecord,
 }
 
-const EMPTY: Slot = Slot {
-    key: 0,
-    record: IdempotencyRecord { fingerprint: 0, operation: 0, object: 0, object_is_grant: false },
-};
+const EMPTY: Slot =
+    Slot { key: 0, record: IdempotencyRecord { fingerprint: 0, operation: 0, object: 0, object_is_grant: false } };
 
 /// Smallest table, in slots (a power of two).
 const CAPACITY_MIN: usize = 16;

@@ -12,4 +12,6 @@ pub use command::*;
 pub use ids::*;
 pub use money::{Amount, Currency, Money, MoneyError, PartsPerMillion};
 pub use rejection::Rejection;
-pub use state::{fingerprint, IdempotencyRecord, Grant, GrantStatus, Hold, Portion, Reservation, Settings, State, Wallet};
+pub use state::{
+    fingerprint, Grant, GrantStatus, Hold, IdempotencyRecord, Portion, Reservation, Settings, State, Wallet,
+};

@@ -4,11 +4,11 @@
 
 use crate::command::*;
 use crate::ids::*;
+use crate::keys::KeyTable;
 use crate::money::{Amount, Currency, Money};
 use crate::rejection::Rejection;
-use serde::{Deserialize, Serialize};
-use crate::keys::KeyTable;
 use rustc_hash::FxHashMap;
+use serde::{Deserialize, Serialize};
 use smallvec::SmallVec;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::hash::{Hash, Hasher};
@@ -33,10 +33,13 @@ impl Default for Settings {
     }
 }
 
-/// The ledger knows only that an organization exists; its details live with the server.
+/// The ledger knows only that an organization exists and which wallet is its first in
+/// each currency; its details live with the server.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Organization {
     pub id: OrganizationId,
+    /// The organization's default wallet per currency; almost always one, so inline.
+    pub wallets: SmallVec<[(Currency, WalletId); 1]>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -157,12 +160,7 @@ impl IdempotencyRecord {
             (None, Some(grant)) => (grant.0, true),
             (None, None) => (0, false),
         };
-        IdempotencyRecord {
-            fingerprint,
-            operation: reference.operation.map_or(0, |o| o.0),
-            object,
-            object_is_grant,
-        }
+        IdempotencyRecord { fingerprint, operation: reference.operation.map_or(0, |o| o.0), object, object_is_grant }
     }
 
     pub fn reference(&self) -> ReceiptRef {
@@ -194,7 +192,6 @@ pub struct State {
     pub next_operation_id: u64,
     /// The system accounts' balances, one row per currency seen (a handful, so a list).
     pub system: Vec<SystemBalances>,
-    pub wallet_index: FxHashMap<(OrganizationId, Currency), WalletId>,
     /// Idempotency keys in two generations: a key lives in `current` from its first use
     /// and moves, with its whole generation, to `previous` when the retention period
     /// has passed; `previous` is dropped at the next turn. So every key is kept for at
@@ -358,7 +355,8 @@ impl State {
     }
 
     pub fn wallet_for(&self, organization: OrganizationId, currency: Currency) -> Option<WalletId> {
-        self.wallet_index.get(&(organization, currency)).copied()
+        let found = self.organization(organization)?.wallets.iter().find(|(c, _)| *c == currency);
+        found.map(|(_, wallet)| *wallet)
     }
 
     pub fn system_balance(&self, currency: Currency, account: SystemAccount) -> Amount {
@@ -366,10 +364,7 @@ impl State {
     }
 
     fn system_units(&self, currency: Currency, account: SystemAccount) -> i128 {
-        self.system
-            .iter()
-            .find(|row| row.currency == currency)
-            .map_or(0, |row| row.balances[account as usize])
+        self.system.iter().find(|row| row.currency == currency).map_or(0, |row| row.balances[account as usize])
     }
 
     fn system_row(&mut self, currency: Currency) -> &mut SystemBalances {
@@ -402,7 +397,7 @@ impl State {
             Command::CreateOrganization { name } => {
                 text_ok(name, false)?;
                 let id = OrganizationId(self.organizations.len() as u64 + 1);
-                self.organizations.push(Organization { id });
+                self.organizations.push(Organization { id, wallets: SmallVec::new() });
                 Ok(Receipt::OrganizationCreated(id))
             }
             Command::CreateWallet { organization, currency, low_balance_threshold, additional } => {
@@ -410,7 +405,7 @@ impl State {
                 if low_balance_threshold.is_some_and(|t| t.units() < 0) {
                     return Err(Rejection::AmountMustBePositive);
                 }
-                let exists = self.wallet_index.contains_key(&(*organization, *currency));
+                let exists = self.wallet_for(*organization, *currency).is_some();
                 if exists && !additional {
                     return Err(Rejection::WalletAlreadyExists);
                 }
@@ -430,19 +425,16 @@ impl State {
                     active_holds: 0,
                 });
                 if !exists {
-                    self.wallet_index.insert((*organization, *currency), id);
+                    self.organizations[(organization.0 - 1) as usize].wallets.push((*currency, id));
                 }
                 Ok(Receipt::WalletCreated(id))
             }
             Command::SetWalletStatus { wallet, status } => {
                 let current = self.wallet(*wallet).ok_or(Rejection::WalletNotFound)?;
+                let empty = current.main == 0 && current.granted == 0 && current.active_holds == 0;
                 match (current.status, status) {
                     (WalletStatus::Closed, _) => return Err(Rejection::InvalidStatusChange),
-                    (_, WalletStatus::Closed) => {
-                        if current.main != 0 || current.granted != 0 || current.active_holds != 0 {
-                            return Err(Rejection::WalletNotEmpty);
-                        }
-                    }
+                    (_, WalletStatus::Closed) if !empty => return Err(Rejection::WalletNotEmpty),
                     _ => {}
                 }
                 self.wallet_mut(*wallet).status = *status;
@@ -945,7 +937,11 @@ impl State {
         }
         let currency = w.currency;
         let legs = smallvec::smallvec![
-            self.wallet_leg(wallet, -amount, vec![GrantPortion { grant: grant_id, amount: Amount::from_units(-amount) }]),
+            self.wallet_leg(
+                wallet,
+                -amount,
+                vec![GrantPortion { grant: grant_id, amount: Amount::from_units(-amount) }]
+            ),
             self.post_system(account, currency, amount),
         ];
         Some(self.next_operation(kind, currency, now, legs))
@@ -1052,7 +1048,10 @@ impl State {
         let mut grant_reserved: HashMap<GrantId, i128> = HashMap::new();
         for grant in &self.grants {
             if grant.reserved < 0 || grant.reserved > grant.remaining || grant.remaining > grant.amount {
-                problems.push(format!("{:?}: reserved {} remaining {} of {}", grant.id, grant.reserved, grant.remaining, grant.amount));
+                problems.push(format!(
+                    "{:?}: reserved {} remaining {} of {}",
+                    grant.id, grant.reserved, grant.remaining, grant.amount
+                ));
             }
             *grant_remaining.entry(grant.wallet).or_default() += grant.remaining;
         }

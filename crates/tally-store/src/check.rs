@@ -53,8 +53,12 @@ pub fn deep_check(store: &mut SqliteStore, mut progress: impl FnMut(u64, u64)) -
         for (command, receipt) in commands.iter().zip(&receipts) {
             match replay.apply(command, at) {
                 Ok(replayed) if replayed == *receipt => {}
-                Ok(_) => report.problem(format!("journal {seq}: replay gives a different receipt for {}", describe(command))),
-                Err(rejection) => report.problem(format!("journal {seq}: replay rejects {}: {}", describe(command), rejection.code())),
+                Ok(_) => {
+                    report.problem(format!("journal {seq}: replay gives a different receipt for {}", describe(command)))
+                }
+                Err(rejection) => {
+                    report.problem(format!("journal {seq}: replay rejects {}: {}", describe(command), rejection.code()))
+                }
             }
             for operation in receipt.operations() {
                 report.operations += 1;
@@ -69,7 +73,10 @@ pub fn deep_check(store: &mut SqliteStore, mut progress: impl FnMut(u64, u64)) -
                         if *running != leg.balance_after.units() {
                             report.problem(format!(
                                 "{:?} in {:?}: balance after is {} but movements sum to {}",
-                                wallet, operation.id, leg.balance_after.units(), running
+                                wallet,
+                                operation.id,
+                                leg.balance_after.units(),
+                                running
                             ));
                         }
                     }

@@ -19,9 +19,7 @@ pub fn encode<T: serde::Serialize + ?Sized>(value: &T) -> Vec<u8> {
 }
 
 fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8], what: &'static str, seq: u64) -> Result<T, StoreError> {
-    options()
-        .deserialize(bytes)
-        .map_err(|error| StoreError::Corrupt { what, seq, detail: error.to_string() })
+    options().deserialize(bytes).map_err(|error| StoreError::Corrupt { what, seq, detail: error.to_string() })
 }
 
 pub fn decode_commands(bytes: &[u8], seq: u64) -> Result<Vec<Command>, StoreError> {

@@ -138,7 +138,8 @@ fn project_some(connection: &mut Connection, after: u64) -> Result<Option<u64>, 
     let transaction = connection.transaction()?;
     let mut last = None;
     {
-        let mut select = transaction.prepare_cached("SELECT seq, receipts FROM journal WHERE seq > ?1 ORDER BY seq LIMIT ?2")?;
+        let mut select =
+            transaction.prepare_cached("SELECT seq, receipts FROM journal WHERE seq > ?1 ORDER BY seq LIMIT ?2")?;
         let mut insert_operation = transaction.prepare_cached(
             "INSERT OR REPLACE INTO operations (id, seq, kind, currency, at, legs) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
         )?;
@@ -228,10 +229,8 @@ impl HistoryReader {
         let mut sql = String::from(
             "SELECT operation_id, kind, at, amount, balance_after, grants FROM movements WHERE wallet_id = ?1 AND operation_id < ?2",
         );
-        let mut values: Vec<rusqlite::types::Value> = vec![
-            (wallet.0 as i64).into(),
-            filter.before.map(|o| o.0 as i64).unwrap_or(i64::MAX).into(),
-        ];
+        let mut values: Vec<rusqlite::types::Value> =
+            vec![(wallet.0 as i64).into(), filter.before.map(|o| o.0 as i64).unwrap_or(i64::MAX).into()];
         if let Some(from) = filter.from {
             values.push(from.into());
             sql.push_str(&format!(" AND at >= ?{}", values.len()));
@@ -269,21 +268,21 @@ impl HistoryReader {
     pub fn operation(&self, id: OperationId) -> Result<Option<Operation>, StoreError> {
         let row: Option<(i64, String, String, i64, Vec<u8>)> = self
             .connection
-            .query_row("SELECT seq, kind, currency, at, legs FROM operations WHERE id = ?1", params![id.0 as i64], |row| {
-                Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?, row.get(4)?))
-            })
+            .query_row(
+                "SELECT seq, kind, currency, at, legs FROM operations WHERE id = ?1",
+                params![id.0 as i64],
+                |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?, row.get(4)?)),
+            )
             .optional()?;
         let Some((seq, _, _, _, legs)) = row else { return Ok(None) };
         let seq = seq as u64;
         // The whole operation, kind and currency included, comes from the journal record.
         let receipts: Vec<u8> =
-            self.connection.query_row("SELECT receipts FROM journal WHERE seq = ?1", params![seq as i64], |row| row.get(0))?;
+            self.connection
+                .query_row("SELECT receipts FROM journal WHERE seq = ?1", params![seq as i64], |row| row.get(0))?;
         let receipts = codec::decode_receipts(&receipts, seq)?;
-        let found = receipts
-            .iter()
-            .flat_map(|receipt| receipt.operations())
-            .find(|operation| operation.id == id)
-            .cloned();
+        let found =
+            receipts.iter().flat_map(|receipt| receipt.operations()).find(|operation| operation.id == id).cloned();
         debug_assert!(found.as_ref().is_none_or(|operation| codec::encode(&operation.legs) == legs));
         Ok(found)
     }

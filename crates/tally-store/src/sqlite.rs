@@ -7,8 +7,7 @@ use std::path::{Path, PathBuf};
 use tally_ledger::{Command, Receipt, Settings, State, Timestamp};
 
 /// Schema migrations, applied in order; the index is the schema version.
-const MIGRATIONS: &[&str] = &[
-    "CREATE TABLE journal (
+const MIGRATIONS: &[&str] = &["CREATE TABLE journal (
         seq INTEGER PRIMARY KEY,
         at INTEGER NOT NULL,
         format INTEGER NOT NULL,
@@ -43,8 +42,7 @@ const MIGRATIONS: &[&str] = &[
         balance_after TEXT NOT NULL,
         grants TEXT NOT NULL,
         PRIMARY KEY (wallet_id, operation_id)
-    ) WITHOUT ROWID;",
-];
+    ) WITHOUT ROWID;"];
 
 /// How many old snapshots to keep besides the newest, in case the newest is unreadable.
 const SNAPSHOTS_KEPT: i64 = 2;
@@ -146,7 +144,10 @@ impl SqliteStore {
         let mut replayed_commands = 0;
         self.scan_journal(seq + 1, |batch_seq, at, commands, _| {
             if batch_seq != seq + 1 {
-                return Err(StoreError::ReplayDiverged { seq: batch_seq, detail: format!("expected sequence {}", seq + 1) });
+                return Err(StoreError::ReplayDiverged {
+                    seq: batch_seq,
+                    detail: format!("expected sequence {}", seq + 1),
+                });
             }
             for command in &commands {
                 if let Err(rejection) = state.apply(command, at) {

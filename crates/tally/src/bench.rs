@@ -84,6 +84,9 @@ struct Report {
     wallets: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     state_bytes_per_wallet: Option<f64>,
+    /// The same after funding: every consumer's funding key, every fourth one's grant.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    state_bytes_per_wallet_funded: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     restart_s: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -109,8 +112,11 @@ impl Report {
             self.batch_mean,
             self.peak_rss_bytes >> 20
         );
-        if let Some(bytes) = self.state_bytes_per_wallet {
-            println!("  state memory: {bytes:.0} bytes per wallet ({} wallets)", self.wallets);
+        if let (Some(bytes), Some(funded)) = (self.state_bytes_per_wallet, self.state_bytes_per_wallet_funded) {
+            println!(
+                "  state memory: {bytes:.0} bytes per wallet, {funded:.0} with funding keys and grants ({} wallets)",
+                self.wallets
+            );
         }
         if let Some(seconds) = self.restart_s {
             println!(
@@ -168,11 +174,11 @@ impl World {
         }
     }
 
-    fn setup_commands(&self) -> impl Iterator<Item = Command> + '_ {
-        let total = self.consumers + self.merchants;
+    /// Every organization and its USD wallet.
+    fn wallet_commands(&self) -> impl Iterator<Item = Command> + '_ {
         let usd = usd();
-        (1..=total).flat_map(move |id| {
-            let mut commands = vec![
+        (1..=self.consumers + self.merchants).flat_map(move |id| {
+            [
                 Command::CreateOrganization { name: format!("org {id}") },
                 Command::CreateWallet {
                     organization: OrganizationId(id),
@@ -180,40 +186,49 @@ impl World {
                     low_balance_threshold: None,
                     additional: false,
                 },
-            ];
-            if id <= self.consumers {
+            ]
+        })
+    }
+
+    /// 1,000.00 for every consumer, and a 1.00 promotional grant for every fourth.
+    fn funding_commands(&self) -> impl Iterator<Item = Command> + '_ {
+        let usd = usd();
+        (1..=self.consumers).flat_map(move |id| {
+            let mut commands = vec![Command::Move {
+                key: key(&format!("fund-{id}")),
+                action: MoneyAction::Credit {
+                    wallet: WalletId(id),
+                    amount: Money::new(Amount::from_major(1_000), usd),
+                    kind: CreditKind::TopUp,
+                    source: AdjustmentSource::ExternalFunding,
+                    grant: None,
+                    reason: String::new(),
+                },
+            }];
+            if id % 4 == 0 {
                 commands.push(Command::Move {
-                    key: IdempotencyKey::new("bench", &format!("fund-{id}")).expect("short key"),
+                    key: key(&format!("promo-{id}")),
                     action: MoneyAction::Credit {
                         wallet: WalletId(id),
-                        amount: Money::new(Amount::from_major(1_000), usd),
-                        kind: CreditKind::TopUp,
-                        source: AdjustmentSource::ExternalFunding,
-                        grant: None,
+                        amount: Money::new(Amount::from_major(1), usd),
+                        kind: CreditKind::Adjustment,
+                        source: AdjustmentSource::Promotions,
+                        grant: Some(GrantSpec {
+                            category: GrantCategory::Promotional,
+                            priority: 10,
+                            expires_at: Some(4_102_444_800_000),
+                            applicability: None,
+                        }),
                         reason: String::new(),
                     },
                 });
-                if id % 4 == 0 {
-                    commands.push(Command::Move {
-                        key: IdempotencyKey::new("bench", &format!("promo-{id}")).expect("short key"),
-                        action: MoneyAction::Credit {
-                            wallet: WalletId(id),
-                            amount: Money::new(Amount::from_major(1), usd),
-                            kind: CreditKind::Adjustment,
-                            source: AdjustmentSource::Promotions,
-                            grant: Some(GrantSpec {
-                                category: GrantCategory::Promotional,
-                                priority: 10,
-                                expires_at: Some(4_102_444_800_000),
-                                applicability: None,
-                            }),
-                            reason: String::new(),
-                        },
-                    });
-                }
             }
             commands
         })
+    }
+
+    fn setup_commands(&self) -> impl Iterator<Item = Command> + '_ {
+        self.wallet_commands().chain(self.funding_commands())
     }
 
     fn charge(&self, rng: &mut SmallRng, key: IdempotencyKey) -> Command {
@@ -302,16 +317,21 @@ fn run_state_machine(args: &BenchArgs, world: &World, workloads: &[Workload]) ->
     let mut state = State::new(Settings::default());
     let mut now: Timestamp = 1_700_000_000_000;
     let setup = progress(args, world.consumers + world.merchants, "setup");
-    for command in world.setup_commands() {
+    for command in world.wallet_commands() {
         state.apply(&command, now).map_err(|r| anyhow::anyhow!("setup rejected: {}", r.code()))?;
         if let Command::CreateWallet { organization, .. } = command {
             setup.set_position(organization.0);
         }
     }
-    setup.finish_and_clear();
     let wallets = world.consumers + world.merchants;
-    let rss_after = rss_bytes("VmRSS:");
-    let per_wallet = rss_after.saturating_sub(rss_before) as f64 / wallets as f64;
+    // The state of the wallets themselves (wallets, organizations, their index),
+    // measured before any money or key exists.
+    let per_wallet = rss_bytes("VmRSS:").saturating_sub(rss_before) as f64 / wallets as f64;
+    for command in world.funding_commands() {
+        state.apply(&command, now).map_err(|r| anyhow::anyhow!("setup rejected: {}", r.code()))?;
+    }
+    let per_wallet_funded = rss_bytes("VmRSS:").saturating_sub(rss_before) as f64 / wallets as f64;
+    setup.finish_and_clear();
     state.reserve_idempotency_keys(IDEMPOTENCY_KEYS_RESERVED);
     let mut rng = SmallRng::seed_from_u64(7);
     for workload in workloads {
@@ -348,7 +368,9 @@ fn run_state_machine(args: &BenchArgs, world: &World, workloads: &[Workload]) ->
                     let captures: Vec<Command> = placed
                         .iter()
                         .enumerate()
-                        .map(|(i, (hold, payee))| World::capture(*hold, *payee, key(&format!("{prefix}-c{}", done + i as u64))))
+                        .map(|(i, (hold, payee))| {
+                            World::capture(*hold, *payee, key(&format!("{prefix}-c{}", done + i as u64)))
+                        })
                         .collect();
                     let started = Instant::now();
                     for command in &captures {
@@ -404,6 +426,7 @@ fn run_state_machine(args: &BenchArgs, world: &World, workloads: &[Workload]) ->
             peak_rss_bytes: rss_bytes("VmHWM:"),
             wallets,
             state_bytes_per_wallet: Some(per_wallet),
+            state_bytes_per_wallet_funded: Some(per_wallet_funded),
             restart_s: None,
             restart_replayed_commands: None,
         }
@@ -443,7 +466,11 @@ impl Tally {
     }
 }
 
-fn start_engine(path: &std::path::Path, args: &BenchArgs, snapshot_on_shutdown: bool) -> anyhow::Result<(Engine, Option<Arc<Projector>>)> {
+fn start_engine(
+    path: &std::path::Path,
+    args: &BenchArgs,
+    snapshot_on_shutdown: bool,
+) -> anyhow::Result<(Engine, Option<Arc<Projector>>)> {
     let store = SqliteStore::open(path)?;
     let projector = if args.history { Some(Arc::new(Projector::spawn(path)?)) } else { None };
     let notify = projector.clone();
@@ -453,7 +480,8 @@ fn start_engine(path: &std::path::Path, args: &BenchArgs, snapshot_on_shutdown: 
         snapshot_on_shutdown,
         ..EngineConfig::default()
     };
-    let on_commit: Option<tally_engine::OnCommit> = notify.map(|p| Box::new(move |_| p.notify()) as tally_engine::OnCommit);
+    let on_commit: Option<tally_engine::OnCommit> =
+        notify.map(|p| Box::new(move |_| p.notify()) as tally_engine::OnCommit);
     let engine = Engine::start(store, Arc::new(SystemClock), config, on_commit)?;
     Ok((engine, projector))
 }
@@ -507,6 +535,7 @@ fn run_engine(args: &BenchArgs, world: &World, workloads: &[Workload]) -> anyhow
             peak_rss_bytes: rss_bytes("VmHWM:"),
             wallets,
             state_bytes_per_wallet: None,
+            state_bytes_per_wallet_funded: None,
             restart_s: Some(seconds),
             restart_replayed_commands: Some(loaded.replayed_commands),
         }
@@ -552,7 +581,14 @@ fn submit(handle: &Handle, tally: &Arc<Tally>, command: Command, started: Instan
 }
 
 /// Places a hold; its reply submits the capture, and the capture's reply ends the operation.
-fn submit_hold_capture(handle: &Handle, tally: &Arc<Tally>, world: &World, rng: &mut SmallRng, index: u64, started: Instant) {
+fn submit_hold_capture(
+    handle: &Handle,
+    tally: &Arc<Tally>,
+    world: &World,
+    rng: &mut SmallRng,
+    index: u64,
+    started: Instant,
+) {
     let (command, payee) = world.hold(rng, key(&format!("hc-h{index}")));
     tally.in_flight.fetch_add(1, Ordering::AcqRel);
     let (counter, capture_handle) = (tally.clone(), handle.clone());
@@ -587,15 +623,22 @@ fn drive(args: &BenchArgs, world: &World, handle: &Handle, workload: Workload, w
     let prefix = workload_name(workload);
     let begin = Instant::now();
     for index in 0..args.operations {
-        let started = if args.rate > 0 {
+        let started = if let Some(interval) = 1_000_000_000u64.checked_div(args.rate) {
             // Open loop: each operation has its due time, and latency counts from it, so
-            // a stall cannot hide the requests that would have queued behind it.
-            // The generator sleeps rather than spins, so it does not take a core from
-            // the engine on a two-core machine; requests due meanwhile go out together.
-            let due = begin + Duration::from_nanos(index * 1_000_000_000 / args.rate);
-            let now = Instant::now();
-            if due > now {
-                std::thread::sleep(due - now);
+            // a stall cannot hide the requests that would have queued behind it. The
+            // generator yields rather than spins, so the engine's threads keep their core
+            // on a two-core machine, and sleeps only when far ahead (wake-ups are slow).
+            let due = begin + Duration::from_nanos(index * interval);
+            loop {
+                let now = Instant::now();
+                if now >= due {
+                    break;
+                }
+                if due - now > Duration::from_millis(2) {
+                    std::thread::sleep(due - now - Duration::from_millis(1));
+                } else {
+                    std::thread::yield_now();
+                }
             }
             due
         } else {
@@ -604,7 +647,9 @@ fn drive(args: &BenchArgs, world: &World, handle: &Handle, workload: Workload, w
         };
         match workload {
             Workload::HoldCapture => submit_hold_capture(handle, &tally, world, &mut rng, index, started),
-            Workload::TopUp => submit(handle, &tally, world.top_up(&mut rng, key(&format!("{prefix}-{index}"))), started)?,
+            Workload::TopUp => {
+                submit(handle, &tally, world.top_up(&mut rng, key(&format!("{prefix}-{index}"))), started)?
+            }
             _ => submit(handle, &tally, world.charge(&mut rng, key(&format!("{prefix}-{index}"))), started)?,
         }
         if index % 4096 == 0 {
@@ -633,6 +678,7 @@ fn drive(args: &BenchArgs, world: &World, handle: &Handle, workload: Workload, w
         peak_rss_bytes: rss_bytes("VmHWM:"),
         wallets,
         state_bytes_per_wallet: None,
+        state_bytes_per_wallet_funded: None,
         restart_s: None,
         restart_replayed_commands: None,
     })

@@ -11,19 +11,55 @@ const WALLETS: u64 = 4;
 
 #[derive(Clone, Debug)]
 enum Step {
-    Credit { wallet: u64, cents: i64 },
-    Grant { wallet: u64, cents: i64, priority: u32, expires_in: Option<i64> },
-    Debit { wallet: u64, cents: i64 },
-    Transfer { from: u64, to: u64, cents: i64, fee_ppm: u32 },
-    Hold { wallet: u64, cents: i64, ttl: i64, exclusive: bool },
-    Capture { hold: u64, cents: Option<i64>, to: u64 },
-    Release { hold: u64 },
-    Freeze { wallet: u64, frozen: bool },
-    Advance { ms: i64 },
+    Credit {
+        wallet: u64,
+        cents: i64,
+    },
+    Grant {
+        wallet: u64,
+        cents: i64,
+        priority: u32,
+        expires_in: Option<i64>,
+    },
+    Debit {
+        wallet: u64,
+        cents: i64,
+    },
+    Transfer {
+        from: u64,
+        to: u64,
+        cents: i64,
+        fee_ppm: u32,
+    },
+    Hold {
+        wallet: u64,
+        cents: i64,
+        ttl: i64,
+        exclusive: bool,
+    },
+    Capture {
+        hold: u64,
+        cents: Option<i64>,
+        to: u64,
+    },
+    Release {
+        hold: u64,
+    },
+    Freeze {
+        wallet: u64,
+        frozen: bool,
+    },
+    Advance {
+        ms: i64,
+    },
     /// Sends an earlier step again with the same key.
-    Repeat { back: usize },
+    Repeat {
+        back: usize,
+    },
     /// Sends a different request under an earlier step's key.
-    Reuse { back: usize },
+    Reuse {
+        back: usize,
+    },
 }
 
 fn step() -> impl Strategy<Value = Step> {
@@ -132,7 +168,8 @@ impl Model {
                 left -= take;
             }
         }
-        let free_main = self.main.get(&wallet).copied().unwrap_or(0) - self.main_reserved.get(&wallet).copied().unwrap_or(0);
+        let free_main =
+            self.main.get(&wallet).copied().unwrap_or(0) - self.main_reserved.get(&wallet).copied().unwrap_or(0);
         let take = free_main.min(left);
         if take > 0 {
             parts.push((0, take));
@@ -340,12 +377,20 @@ fn action(step: &Step) -> MoneyAction {
             kind: CreditKind::Adjustment,
             source: AdjustmentSource::Promotions,
             // The expiry is absolute; the runner fills it in from the step's time.
-            grant: Some(GrantSpec { category: GrantCategory::Promotional, priority, expires_at: expires_in, applicability: None }),
+            grant: Some(GrantSpec {
+                category: GrantCategory::Promotional,
+                priority,
+                expires_at: expires_in,
+                applicability: None,
+            }),
             reason: String::new(),
         },
-        Step::Debit { wallet, cents: c } => {
-            MoneyAction::Debit { wallet: WalletId(wallet), amount: m(c), source: AdjustmentSource::ExternalFunding, reason: String::new() }
-        }
+        Step::Debit { wallet, cents: c } => MoneyAction::Debit {
+            wallet: WalletId(wallet),
+            amount: m(c),
+            source: AdjustmentSource::ExternalFunding,
+            reason: String::new(),
+        },
         Step::Transfer { from, to, cents: c, fee_ppm } => MoneyAction::Transfer {
             from: WalletId(from),
             to: WalletId(to),
@@ -421,7 +466,8 @@ fn ledger_agrees_with_the_reference_model() {
     let cases = std::env::var("TALLY_MODEL_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(CASES_DEFAULT);
     let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig { cases, ..ProptestConfig::default() });
     let counts = std::cell::RefCell::new(Counts::default());
-    let result = runner.run(&proptest::collection::vec(step(), 1..40), |steps| run_sequence(&steps, &mut counts.borrow_mut()));
+    let result =
+        runner.run(&proptest::collection::vec(step(), 1..40), |steps| run_sequence(&steps, &mut counts.borrow_mut()));
     let counts = counts.into_inner();
     println!(
         "model test: {} sequences (asked for {}), {} steps, {} accepted, {} rejected",
@@ -462,21 +508,24 @@ fn run_sequence(steps: &[Step], counts: &mut Counts) -> Result<(), TestCaseError
                     model.frozen.insert(*wallet, *frozen);
                 }
                 Step::Repeat { back } | Step::Reuse { back } => {
-                    let Some((name, action, first)) = sent.len().checked_sub(*back).map(|i| sent[i].clone()) else { continue };
-                    let reuse = matches!(step, Step::Reuse { .. });
-                    let request = if reuse {
-                        MoneyAction::ReleaseHold { hold: HoldId(1_000) }
-                    } else {
-                        action
+                    let Some((name, action, first)) = sent.len().checked_sub(*back).map(|i| sent[i].clone()) else {
+                        continue;
                     };
+                    let reuse = matches!(step, Step::Reuse { .. });
+                    let request = if reuse { MoneyAction::ReleaseHold { hold: HoldId(1_000) } } else { action };
                     let before = state.clone();
                     let got = state.apply(&Command::Move { key: key(&name), action: request }, now);
                     match (&first, reuse) {
                         // A key whose first request was accepted is remembered.
-                        (Ok(receipt), false) => prop_assert_eq!(got, Ok(Receipt::Replayed(receipt.reference())), "{}", context),
+                        (Ok(receipt), false) => {
+                            prop_assert_eq!(got, Ok(Receipt::Replayed(receipt.reference())), "{}", context)
+                        }
                         (Ok(_), true) => prop_assert_eq!(got, Err(Rejection::IdempotencyKeyMismatch), "{}", context),
                         // A rejected request left no trace, not even its key.
-                        (Err(_), _) => { state = before; continue }
+                        (Err(_), _) => {
+                            state = before;
+                            continue;
+                        }
                     }
                     prop_assert_eq!(&state, &before, "{}: a repeat changed the state", context);
                 }
@@ -496,7 +545,9 @@ fn run_sequence(steps: &[Step], counts: &mut Counts) -> Result<(), TestCaseError
                         counts.rejected += 1;
                     }
                     match (&got, &expected) {
-                        (Ok(receipt), Ok(summary_expected)) => prop_assert_eq!(&summary(receipt), summary_expected, "{}", context),
+                        (Ok(receipt), Ok(summary_expected)) => {
+                            prop_assert_eq!(&summary(receipt), summary_expected, "{}", context)
+                        }
                         (Err(rejection), Err(code)) => {
                             prop_assert_eq!(rejection.code(), *code, "{}", context);
                             prop_assert_eq!(&state, &before, "{}: a rejection changed the state", context);

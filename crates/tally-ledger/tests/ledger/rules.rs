@@ -47,7 +47,17 @@ fn fixture() -> State {
     run(&mut state, "h1", hold(1, "10.00", false)).unwrap();
     run(&mut state, "h2", hold(1, "1.00", false)).unwrap();
     run(&mut state, "r2", MoneyAction::ReleaseHold { hold: HoldId(2) }).unwrap();
-    run(&mut state, "d1", MoneyAction::Debit { wallet: WalletId(1), amount: money("10.00"), source: AdjustmentSource::ExternalFunding, reason: String::new() }).unwrap();
+    run(
+        &mut state,
+        "d1",
+        MoneyAction::Debit {
+            wallet: WalletId(1),
+            amount: money("10.00"),
+            source: AdjustmentSource::ExternalFunding,
+            reason: String::new(),
+        },
+    )
+    .unwrap();
     state.apply(&Command::CreateOrganization { name: "eur".into() }, START).unwrap();
     state
         .apply(
@@ -68,25 +78,117 @@ fn every_rejection_changes_nothing() {
     let eur = Money::parse("1.00", "EUR").unwrap();
     let cases: Vec<(Rejection, Command)> = vec![
         (Rejection::InsufficientFunds, mv("x1", transfer(1, 2, "40.01"))),
-        (Rejection::CurrencyMismatch, mv("x2", MoneyAction::Credit { wallet: WalletId(1), amount: eur, kind: CreditKind::TopUp, source: AdjustmentSource::ExternalFunding, grant: None, reason: String::new() })),
+        (
+            Rejection::CurrencyMismatch,
+            mv(
+                "x2",
+                MoneyAction::Credit {
+                    wallet: WalletId(1),
+                    amount: eur,
+                    kind: CreditKind::TopUp,
+                    source: AdjustmentSource::ExternalFunding,
+                    grant: None,
+                    reason: String::new(),
+                },
+            ),
+        ),
         (Rejection::WalletFrozen, mv("x3", transfer(3, 2, "1.00"))),
         (Rejection::WalletNotFound, mv("x4", transfer(1, 99, "1.00"))),
-        (Rejection::WalletAlreadyExists, Command::CreateWallet { organization: OrganizationId(1), currency: usd(), low_balance_threshold: None, additional: false }),
+        (
+            Rejection::WalletAlreadyExists,
+            Command::CreateWallet {
+                organization: OrganizationId(1),
+                currency: usd(),
+                low_balance_threshold: None,
+                additional: false,
+            },
+        ),
         (Rejection::WalletNotEmpty, Command::SetWalletStatus { wallet: WalletId(1), status: WalletStatus::Closed }),
-        (Rejection::OrganizationNotFound, Command::CreateWallet { organization: OrganizationId(99), currency: usd(), low_balance_threshold: None, additional: false }),
+        (
+            Rejection::OrganizationNotFound,
+            Command::CreateWallet {
+                organization: OrganizationId(99),
+                currency: usd(),
+                low_balance_threshold: None,
+                additional: false,
+            },
+        ),
         (Rejection::HoldNotFound, mv("x5", MoneyAction::ReleaseHold { hold: HoldId(99) })),
         (Rejection::HoldAlreadyResolved, mv("x6", MoneyAction::ReleaseHold { hold: HoldId(2) })),
-        (Rejection::CaptureExceedsHold, mv("x7", MoneyAction::CaptureHold { hold: HoldId(1), amount: Some(Amount::parse("10.01").unwrap()), to: WalletId(2), fee: Fee::None })),
-        (Rejection::HoldTtlOutOfRange, mv("x8", MoneyAction::PlaceHold { wallet: WalletId(1), amount: money("1.00"), ttl_ms: 10, exclusive: false, payee: None, product: None, description: String::new() })),
+        (
+            Rejection::CaptureExceedsHold,
+            mv(
+                "x7",
+                MoneyAction::CaptureHold {
+                    hold: HoldId(1),
+                    amount: Some(Amount::parse("10.01").unwrap()),
+                    to: WalletId(2),
+                    fee: Fee::None,
+                },
+            ),
+        ),
+        (
+            Rejection::HoldTtlOutOfRange,
+            mv(
+                "x8",
+                MoneyAction::PlaceHold {
+                    wallet: WalletId(1),
+                    amount: money("1.00"),
+                    ttl_ms: 10,
+                    exclusive: false,
+                    payee: None,
+                    product: None,
+                    description: String::new(),
+                },
+            ),
+        ),
         (Rejection::GrantNotFound, mv("x9", MoneyAction::VoidGrant { grant: GrantId(9), reason: String::new() })),
         (Rejection::GrantExpiryInPast, mv("x10", promo(1, "1.00", 1, Some(START)))),
         (Rejection::AmountMustBePositive, mv("x11", transfer(1, 2, "0"))),
         (Rejection::AmountMustBePositive, mv("x12", transfer(1, 2, "-1.00"))),
-        (Rejection::AmountOverflow, mv("x13", MoneyAction::Credit { wallet: WalletId(2), amount: Money::new(Amount::from_units(i128::MAX), usd()), kind: CreditKind::TopUp, source: AdjustmentSource::ExternalFunding, grant: None, reason: String::new() })),
-        (Rejection::FeeExceedsAmount, mv("x14", MoneyAction::Transfer { from: WalletId(1), to: WalletId(2), amount: money("1.00"), fee: Fee::Fixed(Amount::parse("1.01").unwrap()), kind: TransferKind::Charge, product: None, description: String::new() })),
+        (
+            Rejection::AmountOverflow,
+            mv(
+                "x13",
+                MoneyAction::Credit {
+                    wallet: WalletId(2),
+                    amount: Money::new(Amount::from_units(i128::MAX), usd()),
+                    kind: CreditKind::TopUp,
+                    source: AdjustmentSource::ExternalFunding,
+                    grant: None,
+                    reason: String::new(),
+                },
+            ),
+        ),
+        (
+            Rejection::FeeExceedsAmount,
+            mv(
+                "x14",
+                MoneyAction::Transfer {
+                    from: WalletId(1),
+                    to: WalletId(2),
+                    amount: money("1.00"),
+                    fee: Fee::Fixed(Amount::parse("1.01").unwrap()),
+                    kind: TransferKind::Charge,
+                    product: None,
+                    description: String::new(),
+                },
+            ),
+        ),
         (Rejection::SameWallet, mv("x15", transfer(1, 1, "1.00"))),
         (Rejection::IdempotencyKeyMismatch, mv("f1", credit(1, "61.00"))),
-        (Rejection::TextLengthOutOfRange, mv("x16", MoneyAction::Debit { wallet: WalletId(1), amount: money("1.00"), source: AdjustmentSource::ExternalFunding, reason: "x".repeat(256) })),
+        (
+            Rejection::TextLengthOutOfRange,
+            mv(
+                "x16",
+                MoneyAction::Debit {
+                    wallet: WalletId(1),
+                    amount: money("1.00"),
+                    source: AdjustmentSource::ExternalFunding,
+                    reason: "x".repeat(256),
+                },
+            ),
+        ),
         (Rejection::InvalidSetting, Command::Configure { settings: Settings { idempotency_retention_ms: 1000 } }),
     ];
     for (expected, command) in cases {
@@ -111,7 +213,10 @@ fn wallet_on_hold_and_closed_and_grant_not_active() {
     );
     run(&mut state, "g", promo(1, "2.00", 1, None)).unwrap();
     run(&mut state, "v", MoneyAction::VoidGrant { grant: GrantId(1), reason: String::new() }).unwrap();
-    assert_eq!(run(&mut state, "v2", MoneyAction::VoidGrant { grant: GrantId(1), reason: String::new() }), Err(Rejection::GrantNotActive));
+    assert_eq!(
+        run(&mut state, "v2", MoneyAction::VoidGrant { grant: GrantId(1), reason: String::new() }),
+        Err(Rejection::GrantNotActive)
+    );
     assert!(state.check_invariants().is_empty());
 }
 
@@ -161,14 +266,27 @@ fn seed_usage_charge_and_admin_overdraft() {
     run(
         &mut state,
         "usage",
-        MoneyAction::Transfer { from: WalletId(1), to: WalletId(2), amount: Money::new(cost, usd()), fee: Fee::Rate(PartsPerMillion(50_000)), kind: TransferKind::Charge, product: None, description: String::new() },
+        MoneyAction::Transfer {
+            from: WalletId(1),
+            to: WalletId(2),
+            amount: Money::new(cost, usd()),
+            fee: Fee::Rate(PartsPerMillion(50_000)),
+            kind: TransferKind::Charge,
+            product: None,
+            description: String::new(),
+        },
     )
     .unwrap();
     assert_eq!(balance(&state, 1), "49.976");
     assert_eq!(balance(&state, 2), "0.0228");
     // An admin debits 80.00 from a wallet holding 50.00: refused, nothing changes.
     let before = state.clone();
-    let debit = MoneyAction::Debit { wallet: WalletId(1), amount: money("80.00"), source: AdjustmentSource::ExternalFunding, reason: "oops".into() };
+    let debit = MoneyAction::Debit {
+        wallet: WalletId(1),
+        amount: money("80.00"),
+        source: AdjustmentSource::ExternalFunding,
+        reason: "oops".into(),
+    };
     assert_eq!(run(&mut state, "debit", debit), Err(Rejection::InsufficientFunds));
     assert_eq!(state, before);
 }
@@ -179,11 +297,24 @@ fn holds_capture_part_release_rest_and_expire_on_time() {
     run(&mut state, "fund", credit(1, "30.00")).unwrap();
     run(&mut state, "h", hold(1, "20.00", false)).unwrap();
     assert_eq!(available(&state, 1), "10.00");
-    let captured = run(&mut state, "c", MoneyAction::CaptureHold { hold: HoldId(1), amount: Some(Amount::parse("15.00").unwrap()), to: WalletId(2), fee: Fee::None }).unwrap();
+    let captured = run(
+        &mut state,
+        "c",
+        MoneyAction::CaptureHold {
+            hold: HoldId(1),
+            amount: Some(Amount::parse("15.00").unwrap()),
+            to: WalletId(2),
+            fee: Fee::None,
+        },
+    )
+    .unwrap();
     assert!(matches!(captured, Receipt::HoldCaptured { released, .. } if released.format(2) == "5.00"));
     assert_eq!(balance(&state, 1), "15.00");
     assert_eq!(available(&state, 1), "15.00");
-    assert_eq!(run(&mut state, "c2", MoneyAction::ReleaseHold { hold: HoldId(1) }), Err(Rejection::HoldAlreadyResolved));
+    assert_eq!(
+        run(&mut state, "c2", MoneyAction::ReleaseHold { hold: HoldId(1) }),
+        Err(Rejection::HoldAlreadyResolved)
+    );
     // A hold expires at its time-to-live through a tick, with no request for it.
     run(&mut state, "h2", hold(1, "5.00", false)).unwrap();
     assert_eq!(state.next_due().map(|due| due <= START + 60_000), Some(true));
@@ -233,6 +364,7 @@ fn repeats_answer_the_first_result() {
     assert_eq!(again, Receipt::Replayed(first.reference()));
     assert_eq!(balance(&state, 1), "5.00");
     // Keys of another scope never collide with this one.
-    let other = state.apply(&Command::Move { key: IdempotencyKey::new("other", "same").unwrap(), action: credit(1, "5.00") }, START);
+    let other = state
+        .apply(&Command::Move { key: IdempotencyKey::new("other", "same").unwrap(), action: credit(1, "5.00") }, START);
     assert!(matches!(other, Ok(Receipt::Posted { .. })));
 }

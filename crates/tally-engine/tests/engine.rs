@@ -1,0 +1,200 @@
+//! The engine's integration tests: durability across restarts, failed commits, timers
+//! and back-pressure, against the real SQLite store.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tally_engine::*;
+use tally_ledger::*;
+use tally_store::{JournalBatch, Loaded, SqliteStore, Store, StoreError};
+
+const START: Timestamp = 1_700_000_000_000;
+
+fn usd() -> Currency {
+    Currency::parse("USD").unwrap()
+}
+
+fn credit(wallet: u64, amount: &str, name: &str) -> Command {
+    Command::Move {
+        key: IdempotencyKey::new("t", name).unwrap(),
+        action: MoneyAction::Credit {
+            wallet: WalletId(wallet),
+            amount: Money::parse(amount, "USD").unwrap(),
+            kind: CreditKind::TopUp,
+            source: AdjustmentSource::ExternalFunding,
+            grant: None,
+            reason: String::new(),
+        },
+    }
+}
+
+fn setup(handle: &Handle, wallets: u64) {
+    for id in 1..=wallets {
+        handle.execute(Command::CreateOrganization { name: format!("org {id}") }).unwrap();
+        handle
+            .execute(Command::CreateWallet {
+                organization: OrganizationId(id),
+                currency: usd(),
+                low_balance_threshold: None,
+                additional: false,
+            })
+            .unwrap();
+    }
+}
+
+fn balance(handle: &Handle, wallet: u64) -> String {
+    handle.read(move |state| state.wallet(WalletId(wallet)).unwrap().balance().format(2)).unwrap()
+}
+
+fn start<S: Store>(store: S, clock: Arc<ManualClock>) -> Engine {
+    Engine::start(store, clock, EngineConfig::default(), None).unwrap()
+}
+
+#[test]
+fn answered_writes_survive_a_restart_and_keys_stay_known() {
+    let directory = tempfile::tempdir().unwrap();
+    let path = directory.path().join("t.db");
+    let clock = Arc::new(ManualClock::new(START));
+    let engine = start(SqliteStore::open(&path).unwrap(), clock.clone());
+    let handle = engine.handle();
+    setup(&handle, 2);
+    let first = handle.execute(credit(1, "12.34", "a")).unwrap();
+    engine.shutdown();
+    let engine = start(SqliteStore::open(&path).unwrap(), clock);
+    let handle = engine.handle();
+    assert_eq!(balance(&handle, 1), "12.34");
+    assert_eq!(handle.execute(credit(1, "12.34", "a")).unwrap(), Receipt::Replayed(first.reference()));
+    assert_eq!(handle.execute(credit(1, "99.00", "a")), Err(EngineError::Rejected(Rejection::IdempotencyKeyMismatch)));
+    assert_eq!(balance(&handle, 1), "12.34");
+}
+
+/// A store whose commits fail while `failing` is set, like a full or vanished disk.
+struct FlakyStore {
+    inner: SqliteStore,
+    failing: Arc<AtomicBool>,
+}
+
+impl Store for FlakyStore {
+    fn load(&mut self, settings: Settings) -> Result<Loaded, StoreError> {
+        self.inner.load(settings)
+    }
+    fn commit(&mut self, batch: &JournalBatch<'_>) -> Result<(), StoreError> {
+        if self.failing.load(Ordering::SeqCst) {
+            return Err(StoreError::Corrupt { what: "test", seq: batch.seq, detail: "disk unplugged".into() });
+        }
+        self.inner.commit(batch)
+    }
+    fn write_snapshot(&mut self, seq: u64, encoded: &[u8]) -> Result<(), StoreError> {
+        self.inner.write_snapshot(seq, encoded)
+    }
+}
+
+#[test]
+fn a_failed_commit_fails_its_batch_and_memory_returns_to_disk() {
+    let directory = tempfile::tempdir().unwrap();
+    let failing = Arc::new(AtomicBool::new(false));
+    let store =
+        FlakyStore { inner: SqliteStore::open(directory.path().join("t.db")).unwrap(), failing: failing.clone() };
+    let engine = start(store, Arc::new(ManualClock::new(START)));
+    let handle = engine.handle();
+    setup(&handle, 1);
+    handle.execute(credit(1, "10.00", "ok")).unwrap();
+    failing.store(true, Ordering::SeqCst);
+    assert!(matches!(handle.execute(credit(1, "5.00", "lost")), Err(EngineError::Storage(_))));
+    failing.store(false, Ordering::SeqCst);
+    // The failed credit is not in memory: the balance is the durable one, and the same
+    // key can be used again because nothing was recorded for it.
+    assert_eq!(balance(&handle, 1), "10.00");
+    assert!(matches!(handle.execute(credit(1, "5.00", "lost")), Ok(Receipt::Posted { .. })));
+    assert_eq!(balance(&handle, 1), "15.00");
+    assert_eq!(handle.stats().storage_failures.load(Ordering::Relaxed), 1);
+}
+
+#[test]
+fn holds_expire_on_time_without_any_request() {
+    let directory = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(START));
+    let engine = start(SqliteStore::open(directory.path().join("t.db")).unwrap(), clock.clone());
+    let handle = engine.handle();
+    setup(&handle, 1);
+    handle.execute(credit(1, "10.00", "fund")).unwrap();
+    let hold = Command::Move {
+        key: IdempotencyKey::new("t", "hold").unwrap(),
+        action: MoneyAction::PlaceHold {
+            wallet: WalletId(1),
+            amount: Money::parse("4.00", "USD").unwrap(),
+            ttl_ms: 5_000,
+            exclusive: false,
+            payee: None,
+            product: None,
+            description: String::new(),
+        },
+    };
+    handle.execute(hold).unwrap();
+    let available = |h: &Handle| h.read(|s| s.wallet(WalletId(1)).unwrap().available().format(2)).unwrap();
+    assert_eq!(available(&handle), "6.00");
+    clock.advance(5_000);
+    let active = |h: &Handle| h.read(|s| s.holds.len()).unwrap();
+    // The writer wakes on its own at least every 50 ms; give it a generous while.
+    for _ in 0..100 {
+        std::thread::sleep(Duration::from_millis(20));
+        if active(&handle) == 0 {
+            break;
+        }
+    }
+    assert_eq!(active(&handle), 0, "the hold did not expire on its own");
+    assert_eq!(available(&handle), "10.00");
+}
+
+/// A store whose commits wait at a gate, so the queue behind them fills up.
+struct GatedStore {
+    inner: SqliteStore,
+    gate: Arc<Mutex<()>>,
+}
+
+impl Store for GatedStore {
+    fn load(&mut self, settings: Settings) -> Result<Loaded, StoreError> {
+        self.inner.load(settings)
+    }
+    fn commit(&mut self, batch: &JournalBatch<'_>) -> Result<(), StoreError> {
+        let _open = self.gate.lock().unwrap();
+        self.inner.commit(batch)
+    }
+    fn write_snapshot(&mut self, seq: u64, encoded: &[u8]) -> Result<(), StoreError> {
+        self.inner.write_snapshot(seq, encoded)
+    }
+}
+
+#[test]
+fn a_full_queue_answers_busy_instead_of_growing() {
+    let directory = tempfile::tempdir().unwrap();
+    let gate = Arc::new(Mutex::new(()));
+    let store = GatedStore { inner: SqliteStore::open(directory.path().join("t.db")).unwrap(), gate: gate.clone() };
+    let config = EngineConfig { queue_capacity: 8, batch_size_max: 1, ..EngineConfig::default() };
+    let engine = Engine::start(store, Arc::new(ManualClock::new(START)), config, None).unwrap();
+    let handle = engine.handle();
+    setup(&handle, 1);
+    let closed = gate.lock().unwrap();
+    let mut busy = 0;
+    let (sender, receiver) = crossbeam_channel::unbounded();
+    for n in 0..100 {
+        let sender = sender.clone();
+        match handle.submit(
+            Request::Command(credit(1, "1.00", &format!("b{n}"))),
+            Box::new(move |outcome| {
+                let _ = sender.send(outcome.is_ok());
+            }),
+        ) {
+            Ok(()) => {}
+            Err(EngineError::Busy) => busy += 1,
+            Err(other) => panic!("unexpected {other:?}"),
+        }
+    }
+    drop(closed);
+    drop(sender);
+    let accepted: Vec<bool> = receiver.iter().collect();
+    assert!(busy > 0, "a bounded queue must refuse when full");
+    assert_eq!(accepted.len() + busy, 100);
+    assert!(accepted.iter().all(|ok| *ok));
+    assert_eq!(balance(&handle, 1), format!("{}.00", accepted.len()));
+}
