@@ -14,7 +14,7 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tally_ledger::{Command, Receipt, Rejection, Settings, State, Timestamp};
 use tally_store::{encode_snapshot, JournalBatch, Loaded, Store, StoreError};
 
@@ -195,14 +195,15 @@ impl Engine {
                 .apply(&configure, now)
                 .map_err(|rejection| StoreError::ReplayDiverged { seq: loaded.seq, detail: rejection.code().into() })?;
             loaded.seq += 1;
-            store.commit(&JournalBatch { seq: loaded.seq, at: now, entries: vec![(&configure, &receipt)] })?;
+            store.commit(&[JournalBatch { seq: loaded.seq, at: now, entries: vec![(&configure, &receipt)] }])?;
         }
         loaded.state.reserve_idempotency_keys(IDEMPOTENCY_KEYS_RESERVED);
         let stats = Arc::new(EngineStats::default());
         stats.durable_seq.store(loaded.seq, Ordering::Release);
         let (queue, requests) = bounded(config.queue_capacity);
-        // Two batches in flight: one committing while the next is applied.
-        let (commits, commit_queue) = bounded(2);
+        // Batches in flight between writer and committer: the writer keeps applying
+        // while a commit is under way, and the committer groups what piled up.
+        let (commits, commit_queue) = bounded(COMMIT_QUEUE_BATCHES);
         let failed = Arc::new(AtomicBool::new(false));
         let committer = {
             let (stats, failed) = (stats.clone(), failed.clone());
@@ -416,6 +417,15 @@ impl Writer {
     }
 }
 
+/// The shortest time between two commits. Commits faster than this only add small
+/// synchronous writes that the disk serializes; waiting lets the next commit carry
+/// every batch applied meanwhile. Costs at most this much latency when idle.
+const COMMIT_INTERVAL_MIN: Duration = Duration::from_micros(1000);
+/// Writer batches that may wait for the committer before the writer itself waits.
+const COMMIT_QUEUE_BATCHES: usize = 64;
+/// Most writer batches committed in one transaction.
+const COMMIT_GROUP_MAX: usize = 64;
+
 /// How long the committer waits between attempts to reload after a storage failure.
 const RELOAD_RETRY: Duration = Duration::from_millis(500);
 /// Attempts to reload before giving up; the process then stops rather than serve stale state.
@@ -429,56 +439,38 @@ fn run_committer<S: Store>(
     on_commit: Option<OnCommit>,
     settings: Settings,
 ) {
-    for message in queue {
+    let mut last_commit = Instant::now();
+    let mut deferred: Option<CommitMessage> = None;
+    loop {
+        let message = match deferred.take() {
+            Some(message) => message,
+            None => match queue.recv() {
+                Ok(message) => message,
+                Err(_) => break,
+            },
+        };
         match message {
             CommitMessage::Batch(batch) => {
-                let result = if failed.load(Ordering::Acquire) {
-                    Err("an earlier batch failed to commit".to_string())
-                } else if batch.seq == 0 {
-                    Ok(())
-                } else {
-                    let entries = batch
-                        .entries
-                        .iter()
-                        .filter_map(|entry| match (&entry.journaled, &entry.outcome) {
-                            (Some(command), Ok(Answer::Receipt(receipt))) => Some((command, receipt)),
-                            _ => None,
-                        })
-                        .collect();
-                    let journal = JournalBatch { seq: batch.seq, at: batch.at, entries };
-                    store.commit(&journal).map_err(|error| error.to_string())
-                };
-                match result {
-                    Ok(()) => {
-                        if batch.seq != 0 {
-                            stats.durable_seq.store(batch.seq, Ordering::Release);
-                            stats.journaled_commands.fetch_add(
-                                batch.entries.iter().filter(|e| e.journaled.is_some()).count() as u64,
-                                Ordering::Relaxed,
-                            );
-                            if let Some(on_commit) = &on_commit {
-                                on_commit(batch.seq);
-                            }
+                // Group commit across batches: when commits come faster than the disk
+                // likes, wait out the minimum interval and take every batch that
+                // arrived meanwhile into the same transaction (one sync for all).
+                let since = last_commit.elapsed();
+                if since < COMMIT_INTERVAL_MIN {
+                    std::thread::sleep(COMMIT_INTERVAL_MIN - since);
+                }
+                let mut group = vec![batch];
+                while group.len() < COMMIT_GROUP_MAX {
+                    match queue.try_recv() {
+                        Ok(CommitMessage::Batch(batch)) => group.push(batch),
+                        Ok(other) => {
+                            deferred = Some(other);
+                            break;
                         }
-                        for entry in batch.entries {
-                            if let Some(reply) = entry.reply {
-                                reply(entry.outcome);
-                            }
-                        }
-                    }
-                    Err(error) => {
-                        if !failed.swap(true, Ordering::AcqRel) {
-                            tracing::error!(%error, seq = batch.seq, "commit failed");
-                            stats.storage_failures.fetch_add(1, Ordering::Relaxed);
-                            stats.ready.store(false, Ordering::Release);
-                        }
-                        for entry in batch.entries {
-                            if let Some(reply) = entry.reply {
-                                reply(Err(EngineError::Storage(error.clone())));
-                            }
-                        }
+                        Err(_) => break,
                     }
                 }
+                commit_group(&mut store, group, &stats, &failed, on_commit.as_ref());
+                last_commit = Instant::now();
             }
             CommitMessage::Snapshot(seq, encoded) => {
                 if !failed.load(Ordering::Acquire) {
@@ -507,6 +499,71 @@ fn run_committer<S: Store>(
                 let _ = answer.send(loaded);
             }
             CommitMessage::Stop => break,
+        }
+    }
+}
+
+/// Commits a group of batches in one transaction, then answers every request in them in
+/// order; on failure every request gets the error and the writer is told to reload.
+fn commit_group<S: Store>(
+    store: &mut S,
+    group: Vec<Batch>,
+    stats: &EngineStats,
+    failed: &AtomicBool,
+    on_commit: Option<&OnCommit>,
+) {
+    let result = if failed.load(Ordering::Acquire) {
+        Err("an earlier batch failed to commit".to_string())
+    } else {
+        let journals: Vec<JournalBatch<'_>> = group
+            .iter()
+            .filter(|batch| batch.seq != 0)
+            .map(|batch| JournalBatch {
+                seq: batch.seq,
+                at: batch.at,
+                entries: batch
+                    .entries
+                    .iter()
+                    .filter_map(|entry| match (&entry.journaled, &entry.outcome) {
+                        (Some(command), Ok(Answer::Receipt(receipt))) => Some((command, receipt)),
+                        _ => None,
+                    })
+                    .collect(),
+            })
+            .collect();
+        if journals.is_empty() {
+            Ok(())
+        } else {
+            store.commit(&journals).map_err(|error| error.to_string())
+        }
+    };
+    match result {
+        Ok(()) => {
+            if let Some(seq) = group.iter().map(|batch| batch.seq).max().filter(|seq| *seq != 0) {
+                stats.durable_seq.store(seq, Ordering::Release);
+                let journaled = group.iter().flat_map(|b| &b.entries).filter(|e| e.journaled.is_some()).count();
+                stats.journaled_commands.fetch_add(journaled as u64, Ordering::Relaxed);
+                if let Some(on_commit) = on_commit {
+                    on_commit(seq);
+                }
+            }
+            for entry in group.into_iter().flat_map(|batch| batch.entries) {
+                if let Some(reply) = entry.reply {
+                    reply(entry.outcome);
+                }
+            }
+        }
+        Err(error) => {
+            if !failed.swap(true, Ordering::AcqRel) {
+                tracing::error!(%error, "commit failed");
+                stats.storage_failures.fetch_add(1, Ordering::Relaxed);
+                stats.ready.store(false, Ordering::Release);
+            }
+            for entry in group.into_iter().flat_map(|batch| batch.entries) {
+                if let Some(reply) = entry.reply {
+                    reply(Err(EngineError::Storage(error.clone())));
+                }
+            }
         }
     }
 }

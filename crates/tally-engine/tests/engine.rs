@@ -78,11 +78,11 @@ impl Store for FlakyStore {
     fn load(&mut self, settings: Settings) -> Result<Loaded, StoreError> {
         self.inner.load(settings)
     }
-    fn commit(&mut self, batch: &JournalBatch<'_>) -> Result<(), StoreError> {
+    fn commit(&mut self, batches: &[JournalBatch<'_>]) -> Result<(), StoreError> {
         if self.failing.load(Ordering::SeqCst) {
-            return Err(StoreError::Corrupt { what: "test", seq: batch.seq, detail: "disk unplugged".into() });
+            return Err(StoreError::Corrupt { what: "test", seq: batches[0].seq, detail: "disk unplugged".into() });
         }
-        self.inner.commit(batch)
+        self.inner.commit(batches)
     }
     fn write_snapshot(&mut self, seq: u64, encoded: &[u8]) -> Result<(), StoreError> {
         self.inner.write_snapshot(seq, encoded)
@@ -156,9 +156,9 @@ impl Store for GatedStore {
     fn load(&mut self, settings: Settings) -> Result<Loaded, StoreError> {
         self.inner.load(settings)
     }
-    fn commit(&mut self, batch: &JournalBatch<'_>) -> Result<(), StoreError> {
+    fn commit(&mut self, batches: &[JournalBatch<'_>]) -> Result<(), StoreError> {
         let _open = self.gate.lock().unwrap();
-        self.inner.commit(batch)
+        self.inner.commit(batches)
     }
     fn write_snapshot(&mut self, seq: u64, encoded: &[u8]) -> Result<(), StoreError> {
         self.inner.write_snapshot(seq, encoded)

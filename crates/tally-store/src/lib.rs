@@ -51,8 +51,8 @@ pub struct Loaded {
 pub trait Store: Send + 'static {
     /// Loads the latest snapshot and replays the journal after it.
     fn load(&mut self, settings: Settings) -> Result<Loaded, StoreError>;
-    /// Makes one batch durable, in one transaction, or fails having written nothing.
-    fn commit(&mut self, batch: &JournalBatch<'_>) -> Result<(), StoreError>;
+    /// Makes batches durable, all in one transaction, or fails having written nothing.
+    fn commit(&mut self, batches: &[JournalBatch<'_>]) -> Result<(), StoreError>;
     /// Stores an encoded snapshot of the state after journal sequence `seq`.
     fn write_snapshot(&mut self, seq: u64, encoded: &[u8]) -> Result<(), StoreError>;
 }

@@ -175,24 +175,25 @@ impl Store for SqliteStore {
         self.load_with(settings, false)
     }
 
-    fn commit(&mut self, batch: &JournalBatch<'_>) -> Result<(), StoreError> {
-        let commands: Vec<&Command> = batch.entries.iter().map(|(command, _)| *command).collect();
-        let receipts: Vec<&Receipt> = batch.entries.iter().map(|(_, receipt)| *receipt).collect();
-        let commands = codec::encode(&commands);
-        let receipts = codec::encode(&receipts);
+    fn commit(&mut self, batches: &[JournalBatch<'_>]) -> Result<(), StoreError> {
         let transaction = self.connection.transaction()?;
-        transaction
-            .prepare_cached(
+        {
+            let mut insert = transaction.prepare_cached(
                 "INSERT INTO journal (seq, at, format, command_count, commands, receipts) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            )?
-            .execute(params![
-                batch.seq as i64,
-                batch.at,
-                FORMAT_VERSION,
-                batch.entries.len() as i64,
-                commands,
-                receipts
-            ])?;
+            )?;
+            for batch in batches {
+                let commands: Vec<&Command> = batch.entries.iter().map(|(command, _)| *command).collect();
+                let receipts: Vec<&Receipt> = batch.entries.iter().map(|(_, receipt)| *receipt).collect();
+                insert.execute(params![
+                    batch.seq as i64,
+                    batch.at,
+                    FORMAT_VERSION,
+                    batch.entries.len() as i64,
+                    codec::encode(&commands),
+                    codec::encode(&receipts)
+                ])?;
+            }
+        }
         transaction.commit()?;
         Ok(())
     }
