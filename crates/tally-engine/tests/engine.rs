@@ -30,7 +30,7 @@ fn credit(wallet: u64, amount: &str, name: &str) -> Command {
 
 fn setup(handle: &Handle, wallets: u64) {
     for id in 1..=wallets {
-        handle.execute(Command::CreateOrganization { name: format!("org {id}") }).unwrap();
+        handle.execute(Command::CreateOrganization { name: format!("org {id}"), roles: Roles::default() }).unwrap();
         handle
             .execute(Command::CreateWallet {
                 organization: OrganizationId(id),

@@ -49,6 +49,46 @@ impl std::fmt::Debug for IdempotencyKey {
     }
 }
 
+/// What an organization does on the platform; it may be both.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Serialize, Deserialize)]
+pub struct Roles {
+    pub merchant: bool,
+    pub consumer: bool,
+}
+
+impl Default for Roles {
+    fn default() -> Roles {
+        Roles { merchant: false, consumer: true }
+    }
+}
+
+/// Who pays, and where: needed before money comes in from a payment provider.
+#[derive(Clone, PartialEq, Eq, Hash, Debug, Default, Serialize, Deserialize)]
+pub struct BillingDetails {
+    pub legal_name: String,
+    pub email: String,
+    pub address: String,
+    /// ISO 3166-1 alpha-2.
+    pub country: String,
+    pub region: String,
+    pub tax_id: String,
+}
+
+impl BillingDetails {
+    fn fields(&self) -> [&str; 6] {
+        [&self.legal_name, &self.email, &self.address, &self.country, &self.region, &self.tax_id]
+    }
+
+    /// Every field within `TEXT_LENGTH_MAX`; legal name, email and country present.
+    pub fn is_valid(&self) -> bool {
+        self.fields().iter().all(|f| f.len() <= TEXT_LENGTH_MAX)
+            && !self.legal_name.is_empty()
+            && self.email.contains('@')
+            && self.country.len() == 2
+            && self.country.bytes().all(|b| b.is_ascii_uppercase())
+    }
+}
+
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum WalletStatus {
@@ -230,6 +270,7 @@ pub enum MoneyAction {
 #[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
 pub enum Command {
     CreateOrganization {
+        roles: Roles,
         name: String,
     },
     CreateWallet {
@@ -238,6 +279,12 @@ pub enum Command {
         low_balance_threshold: Option<Amount>,
         /// An organization has one wallet per currency unless it asks for more.
         additional: bool,
+    },
+    /// Replaces an organization's roles and billing details.
+    UpdateOrganization {
+        organization: OrganizationId,
+        roles: Roles,
+        billing: Option<BillingDetails>,
     },
     SetWalletStatus {
         wallet: WalletId,
@@ -334,6 +381,7 @@ pub enum Receipt {
     OrganizationCreated(OrganizationId),
     WalletCreated(WalletId),
     WalletUpdated(WalletId),
+    OrganizationUpdated(OrganizationId),
     Configured,
     /// A credit, debit, transfer or charge; a grant credit also names the new grant.
     Posted {

@@ -58,6 +58,8 @@ pub enum Rejection {
     InvalidStatusChange,
     #[error("a ledger setting is outside its allowed range")]
     InvalidSetting,
+    #[error("billing details need a legal name, an email, a two-letter country code, and fields of at most 255 bytes")]
+    InvalidBillingDetails,
 }
 
 impl Rejection {
@@ -91,6 +93,7 @@ impl Rejection {
             TooManyItems => "too_many_items",
             InvalidStatusChange => "invalid_status_change",
             InvalidSetting => "invalid_setting",
+            InvalidBillingDetails => "invalid_billing_details",
         }
     }
 
@@ -122,6 +125,7 @@ impl Rejection {
         Rejection::TooManyItems,
         Rejection::InvalidStatusChange,
         Rejection::InvalidSetting,
+        Rejection::InvalidBillingDetails,
     ];
 }
 

@@ -38,6 +38,9 @@ impl Default for Settings {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Organization {
     pub id: OrganizationId,
+    pub name: Box<str>,
+    pub roles: Roles,
+    pub billing: Option<Box<BillingDetails>>,
     /// The organization's default wallet per currency; almost always one, so inline.
     pub wallets: SmallVec<[(Currency, WalletId); 1]>,
 }
@@ -394,11 +397,27 @@ impl State {
     /// Applies one command at time `now`. On rejection nothing has changed.
     pub fn apply(&mut self, command: &Command, now: Timestamp) -> Result<Receipt, Rejection> {
         match command {
-            Command::CreateOrganization { name } => {
+            Command::CreateOrganization { name, roles } => {
                 text_ok(name, false)?;
                 let id = OrganizationId(self.organizations.len() as u64 + 1);
-                self.organizations.push(Organization { id, wallets: SmallVec::new() });
+                self.organizations.push(Organization {
+                    id,
+                    name: name.as_str().into(),
+                    roles: *roles,
+                    billing: None,
+                    wallets: SmallVec::new(),
+                });
                 Ok(Receipt::OrganizationCreated(id))
+            }
+            Command::UpdateOrganization { organization, roles, billing } => {
+                self.organization(*organization).ok_or(Rejection::OrganizationNotFound)?;
+                if billing.as_ref().is_some_and(|b| !b.is_valid()) {
+                    return Err(Rejection::InvalidBillingDetails);
+                }
+                let entry = &mut self.organizations[(organization.0 - 1) as usize];
+                entry.roles = *roles;
+                entry.billing = billing.clone().map(Box::new);
+                Ok(Receipt::OrganizationUpdated(*organization))
             }
             Command::CreateWallet { organization, currency, low_balance_threshold, additional } => {
                 self.organization(*organization).ok_or(Rejection::OrganizationNotFound)?;

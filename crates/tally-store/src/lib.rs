@@ -3,11 +3,13 @@
 //! restart time; the queryable history (operations, movements) is projected from the
 //! journal by a separate thread, off the commit path.
 
+mod api_keys;
 mod check;
 mod codec;
 mod projector;
 mod sqlite;
 
+pub use api_keys::{ApiKeyRecord, ApiKeys};
 pub use check::{deep_check, CheckReport};
 pub use codec::{decode_commands, decode_receipts, FORMAT_VERSION};
 pub use projector::{HistoryReader, Movement, MovementFilter, Projector};

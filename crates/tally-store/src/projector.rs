@@ -12,7 +12,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
-use tally_ledger::{Account, Amount, GrantId, GrantPortion, Operation, OperationId, Timestamp, WalletId};
+use tally_ledger::{
+    Account, Amount, Command, GrantId, GrantPortion, IdempotencyKey, Operation, OperationId, Receipt, Timestamp, WalletId,
+};
 
 /// Journal records projected per transaction: large enough to amortise the fsync,
 /// small enough that a reader waiting for the watermark does not wait long.
@@ -139,7 +141,9 @@ fn project_some(connection: &mut Connection, after: u64) -> Result<Option<u64>, 
     let mut last = None;
     {
         let mut select =
-            transaction.prepare_cached("SELECT seq, receipts FROM journal WHERE seq > ?1 ORDER BY seq LIMIT ?2")?;
+            transaction.prepare_cached("SELECT seq, commands, receipts FROM journal WHERE seq > ?1 ORDER BY seq LIMIT ?2")?;
+        let mut insert_key = transaction
+            .prepare_cached("INSERT OR REPLACE INTO idempotency_index (key, seq, position) VALUES (?1, ?2, ?3)")?;
         let mut insert_operation = transaction.prepare_cached(
             "INSERT OR REPLACE INTO operations (id, seq, kind, currency, at, legs) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
         )?;
@@ -150,7 +154,13 @@ fn project_some(connection: &mut Connection, after: u64) -> Result<Option<u64>, 
         let mut rows = select.query(params![after as i64, PROJECTION_BATCH_RECORDS])?;
         while let Some(row) = rows.next()? {
             let seq = row.get::<_, i64>(0)? as u64;
-            let receipts = codec::decode_receipts(row.get_ref(1)?.as_blob()?, seq)?;
+            let commands = codec::decode_commands(row.get_ref(1)?.as_blob()?, seq)?;
+            let receipts = codec::decode_receipts(row.get_ref(2)?.as_blob()?, seq)?;
+            for (position, command) in commands.iter().enumerate() {
+                if let Command::Move { key, .. } = command {
+                    insert_key.execute(params![&key.0.to_le_bytes()[..], seq as i64, position as i64])?;
+                }
+            }
             for receipt in &receipts {
                 for operation in receipt.operations() {
                     insert_operation.execute(params![
@@ -262,6 +272,25 @@ impl HistoryReader {
             })
         })?;
         Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    }
+
+    /// The receipt a money-moving request got the first time its key was used, once
+    /// history has caught up with it; an HTTP replay renders the same answer from it.
+    pub fn receipt_for_key(&self, key: IdempotencyKey) -> Result<Option<Receipt>, StoreError> {
+        let found: Option<(i64, i64)> = self
+            .connection
+            .query_row(
+                "SELECT seq, position FROM idempotency_index WHERE key = ?1",
+                params![&key.0.to_le_bytes()[..]],
+                |row| Ok((row.get(0)?, row.get(1)?)),
+            )
+            .optional()?;
+        let Some((seq, position)) = found else { return Ok(None) };
+        let receipts: Vec<u8> =
+            self.connection.query_row("SELECT receipts FROM journal WHERE seq = ?1", params![seq], |row| row.get(0))?;
+        let mut receipts = codec::decode_receipts(&receipts, seq as u64)?;
+        let position = position as usize;
+        Ok((position < receipts.len()).then(|| receipts.swap_remove(position)))
     }
 
     /// One operation with all its legs.

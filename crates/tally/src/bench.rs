@@ -179,7 +179,7 @@ impl World {
         let usd = usd();
         (1..=self.consumers + self.merchants).flat_map(move |id| {
             [
-                Command::CreateOrganization { name: format!("org {id}") },
+                Command::CreateOrganization { name: format!("org {id}"), roles: Roles::default() },
                 Command::CreateWallet {
                     organization: OrganizationId(id),
                     currency: usd,

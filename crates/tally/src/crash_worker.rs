@@ -33,7 +33,7 @@ pub fn run(args: CrashWorkerArgs) -> anyhow::Result<()> {
     let usd = Currency::parse("USD")?;
     let existing = handle.read(|state| state.wallets.len() as u64)?;
     for id in existing + 1..=args.wallets {
-        handle.execute(Command::CreateOrganization { name: format!("org {id}") })?;
+        handle.execute(Command::CreateOrganization { name: format!("org {id}"), roles: Roles::default() })?;
         handle.execute(Command::CreateWallet {
             organization: OrganizationId(id),
             currency: usd,

@@ -58,7 +58,7 @@ fn fixture() -> State {
         },
     )
     .unwrap();
-    state.apply(&Command::CreateOrganization { name: "eur".into() }, START).unwrap();
+    state.apply(&Command::CreateOrganization { name: "eur".into(), roles: Roles::default() }, START).unwrap();
     state
         .apply(
             &Command::CreateWallet {
