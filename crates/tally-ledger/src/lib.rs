@@ -13,5 +13,6 @@ pub use ids::*;
 pub use money::{Amount, Currency, Money, MoneyError, PartsPerMillion};
 pub use rejection::Rejection;
 pub use state::{
-    fingerprint, Grant, GrantStatus, Hold, IdempotencyRecord, Portion, Reservation, Settings, State, Wallet,
+    fingerprint, Grant, GrantStatus, Hold, IdempotencyRecord, Organization, Portion, Reservation, Settings, State,
+    Wallet,
 };

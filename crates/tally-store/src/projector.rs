@@ -13,7 +13,8 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 use tally_ledger::{
-    Account, Amount, Command, GrantId, GrantPortion, IdempotencyKey, Operation, OperationId, Receipt, Timestamp, WalletId,
+    Account, Amount, Command, GrantId, GrantPortion, IdempotencyKey, Operation, OperationId, Receipt, Timestamp,
+    WalletId,
 };
 
 /// Journal records projected per transaction: large enough to amortise the fsync,
@@ -140,8 +141,8 @@ fn project_some(connection: &mut Connection, after: u64) -> Result<Option<u64>, 
     let transaction = connection.transaction()?;
     let mut last = None;
     {
-        let mut select =
-            transaction.prepare_cached("SELECT seq, commands, receipts FROM journal WHERE seq > ?1 ORDER BY seq LIMIT ?2")?;
+        let mut select = transaction
+            .prepare_cached("SELECT seq, commands, receipts FROM journal WHERE seq > ?1 ORDER BY seq LIMIT ?2")?;
         let mut insert_key = transaction
             .prepare_cached("INSERT OR REPLACE INTO idempotency_index (key, seq, position) VALUES (?1, ?2, ?3)")?;
         let mut insert_operation = transaction.prepare_cached(

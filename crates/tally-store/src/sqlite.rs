@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 use tally_ledger::{Command, Receipt, Settings, State, Timestamp};
 
 /// Schema migrations, applied in order; the index is the schema version.
-const MIGRATIONS: &[&str] = &["CREATE TABLE journal (
+const MIGRATIONS: &[&str] = &[
+    "CREATE TABLE journal (
         seq INTEGER PRIMARY KEY,
         at INTEGER NOT NULL,
         format INTEGER NOT NULL,
@@ -42,7 +43,24 @@ const MIGRATIONS: &[&str] = &["CREATE TABLE journal (
         balance_after TEXT NOT NULL,
         grants TEXT NOT NULL,
         PRIMARY KEY (wallet_id, operation_id)
-    ) WITHOUT ROWID;"];
+    ) WITHOUT ROWID;",
+    "CREATE TABLE idempotency_index (
+        key BLOB PRIMARY KEY,
+        seq INTEGER NOT NULL,
+        position INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    CREATE TABLE api_keys (
+        id INTEGER PRIMARY KEY,
+        prefix TEXT NOT NULL,
+        hash BLOB NOT NULL UNIQUE,
+        organization INTEGER,
+        scopes TEXT NOT NULL,
+        name TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        expires_at INTEGER,
+        revoked_at INTEGER
+    );",
+];
 
 /// How many old snapshots to keep besides the newest, in case the newest is unreadable.
 const SNAPSHOTS_KEPT: i64 = 2;

@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::sync::Arc;
 use tally_engine::{Engine, EngineConfig, SystemClock};
-use tally_store::{Projector, SqliteStore};
+use tally_store::{ApiKeys, HistoryReader, Projector, SqliteStore};
 
 #[derive(Parser)]
 #[command(name = "tally", version, about = "Tally: a real-time prepaid wallet and usage-billing ledger")]
@@ -28,16 +28,65 @@ enum Commands {
         /// The SQLite database file.
         database: PathBuf,
     },
+    /// Platform administration on a database, offline or beside a running server.
+    #[command(subcommand)]
+    Admin(AdminCommand),
     /// A load-generating worker for the crash test (not for operators).
     #[command(hide = true)]
     CrashWorker(crash_worker::CrashWorkerArgs),
 }
 
+#[derive(Subcommand)]
+enum AdminCommand {
+    /// Create an API key and print its secret once.
+    CreateKey {
+        #[command(flatten)]
+        database: DatabaseArgs,
+        /// The organization the key acts for (org_1); without it, a platform admin key.
+        #[arg(long)]
+        organization: Option<String>,
+        /// A name to tell the key apart in listings.
+        #[arg(long, default_value = "")]
+        name: String,
+        /// Read-only: the key cannot move money or change anything.
+        #[arg(long)]
+        read_only: bool,
+    },
+}
+
 #[derive(clap::Args)]
-struct ServeArgs {
+struct DatabaseArgs {
     /// Directory holding the database file (tally.db); created if missing.
     #[arg(long, env = "TALLY_DATA_DIR", default_value = "data")]
     data_dir: PathBuf,
+    /// The database, as `sqlite:PATH`; overrides --data-dir.
+    #[arg(long, env = "TALLY_DATABASE_URL")]
+    database_url: Option<String>,
+}
+
+impl DatabaseArgs {
+    fn path(&self) -> anyhow::Result<PathBuf> {
+        match &self.database_url {
+            Some(url) => match url.strip_prefix("sqlite:") {
+                Some(path) => Ok(PathBuf::from(path.trim_start_matches("//"))),
+                None => bail!("unsupported database URL {url:?}: this build serves sqlite:PATH"),
+            },
+            None => {
+                std::fs::create_dir_all(&self.data_dir)
+                    .with_context(|| format!("creating {}", self.data_dir.display()))?;
+                Ok(self.data_dir.join("tally.db"))
+            }
+        }
+    }
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    database: DatabaseArgs,
+    /// Address to listen on for HTTP.
+    #[arg(long, env = "TALLY_LISTEN", default_value = "127.0.0.1:8080")]
+    listen: String,
     /// Requests waiting for the writer before new ones are refused as busy.
     #[arg(long, env = "TALLY_QUEUE_CAPACITY", default_value_t = 65_536)]
     queue_capacity: usize,
@@ -59,12 +108,14 @@ fn main() -> anyhow::Result<()> {
         Commands::Bench(args) => bench::run(args),
         Commands::Check { database } => check(database),
         Commands::CrashWorker(args) => crash_worker::run(args),
+        Commands::Admin(AdminCommand::CreateKey { database, organization, name, read_only }) => {
+            create_key(database, organization, name, read_only)
+        }
     }
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&args.data_dir).with_context(|| format!("creating {}", args.data_dir.display()))?;
-    let path = args.data_dir.join("tally.db");
+    let path = args.database.path()?;
     let store = SqliteStore::open(&path).with_context(|| format!("opening {}", path.display()))?;
     let projector = Arc::new(Projector::spawn(&path)?);
     let config = EngineConfig {
@@ -74,13 +125,57 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         ..EngineConfig::default()
     };
     let notify = projector.clone();
-    let engine = Engine::start(store, Arc::new(SystemClock), config, Some(Box::new(move |_| notify.notify())))
+    let clock = Arc::new(SystemClock);
+    let engine = Engine::start(store, clock.clone(), config, Some(Box::new(move |_| notify.notify())))
         .context("starting the engine (the database failed its checks?)")?;
-    tracing::info!(database = %path.display(), "tally is ready; press Ctrl-C to stop");
+    let keys = tally_server::KeyRing::new(ApiKeys::open(&path)?)?;
+    if keys.is_empty() {
+        let key =
+            keys.insert(tally_server::generate_key(None, true, "bootstrap", tally_engine::Clock::now(&*clock), None))?;
+        println!("Platform admin API key (shown once, keep it safe): {}", key.secret);
+    }
+    let state =
+        Arc::new(tally_server::AppState::new(engine.handle(), projector, HistoryReader::open(&path)?, keys, clock));
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    runtime.block_on(shutdown_signal());
-    tracing::info!("shutting down: draining the queue");
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind(&args.listen)
+            .await
+            .with_context(|| format!("listening on {}", args.listen))?;
+        tracing::info!(address = %listener.local_addr()?, database = %path.display(), "tally is serving");
+        tally_server::serve(listener, state, shutdown_signal()).await?;
+        anyhow::Ok(())
+    })?;
+    tracing::info!("shutting down: draining the engine queue");
     engine.shutdown();
+    Ok(())
+}
+
+fn create_key(
+    database: DatabaseArgs,
+    organization: Option<String>,
+    name: String,
+    read_only: bool,
+) -> anyhow::Result<()> {
+    let path = database.path()?;
+    let store = SqliteStore::open(&path)?;
+    let organization = match organization {
+        Some(text) => Some(
+            tally_ledger::OrganizationId::parse(&text)
+                .with_context(|| format!("{text:?} is not an organization id (org_1)"))?,
+        ),
+        None => None,
+    };
+    if let Some(id) = organization {
+        let mut store = store;
+        let loaded = tally_store::Store::load(&mut store, tally_ledger::Settings::default())?;
+        if loaded.state.organization(id).is_none() {
+            bail!("no organization {id}");
+        }
+    }
+    let keys = tally_server::KeyRing::new(ApiKeys::open(&path)?)?;
+    let now = tally_engine::Clock::now(&SystemClock);
+    let key = keys.insert(tally_server::generate_key(organization, !read_only, &name, now, None))?;
+    println!("{}", key.secret);
     Ok(())
 }
 

@@ -24,7 +24,9 @@ pub fn key(text: &str) -> IdempotencyKey {
 pub fn ledger(count: u64) -> State {
     let mut state = State::new(Settings::default());
     for id in 1..=count {
-        state.apply(&Command::CreateOrganization { name: format!("org {id}"), roles: Roles::default() }, START).unwrap();
+        state
+            .apply(&Command::CreateOrganization { name: format!("org {id}"), roles: Roles::default() }, START)
+            .unwrap();
         state
             .apply(
                 &Command::CreateWallet {

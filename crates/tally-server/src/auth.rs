@@ -1,0 +1,167 @@
+//! API keys: generation, hashing, lookup, and who the caller is.
+
+use crate::error::ApiError;
+use rand::RngCore;
+use std::collections::HashMap;
+use std::sync::{Mutex, RwLock};
+use tally_ledger::{OrganizationId, Timestamp};
+use tally_store::{ApiKeyRecord, ApiKeys};
+
+/// Visible characters of a key kept for listings ("tly_org_1a2b3c").
+const PREFIX_LENGTH: usize = 14;
+/// Random bytes in a key: 256 bits, far beyond guessing.
+const SECRET_BYTES: usize = 32;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Caller {
+    Admin { key: u64 },
+    Organization { key: u64, organization: OrganizationId, write: bool },
+}
+
+impl Caller {
+    /// Idempotency keys are scoped to the owner of the API key.
+    pub fn scope(&self) -> String {
+        match self {
+            Caller::Admin { .. } => "platform".into(),
+            Caller::Organization { organization, .. } => organization.to_string(),
+        }
+    }
+
+    pub fn is_admin(&self) -> bool {
+        matches!(self, Caller::Admin { .. })
+    }
+
+    /// Whether the caller may see `organization`'s data. Others get 404, not 403, so
+    /// they cannot even learn that it exists.
+    pub fn owns(&self, organization: OrganizationId) -> bool {
+        match self {
+            Caller::Admin { .. } => true,
+            Caller::Organization { organization: own, .. } => *own == organization,
+        }
+    }
+
+    pub fn require_admin(&self) -> Result<(), ApiError> {
+        if self.is_admin() {
+            Ok(())
+        } else {
+            Err(ApiError::not_found())
+        }
+    }
+
+    pub fn require_write(&self) -> Result<(), ApiError> {
+        match self {
+            Caller::Organization { write: false, .. } => Err(ApiError::new("forbidden", "this API key is read-only")),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// A newly made key: the secret is shown once and never stored.
+pub struct NewKey {
+    pub secret: String,
+    pub record: ApiKeyRecord,
+}
+
+fn hash(secret: &str) -> [u8; 32] {
+    *blake3::hash(secret.as_bytes()).as_bytes()
+}
+
+pub fn generate(
+    organization: Option<OrganizationId>,
+    write: bool,
+    name: &str,
+    now: Timestamp,
+    expires_at: Option<Timestamp>,
+) -> NewKey {
+    let mut bytes = [0u8; SECRET_BYTES];
+    rand::rngs::OsRng.fill_bytes(&mut bytes);
+    let kind = if organization.is_some() { "org" } else { "adm" };
+    let secret = format!("tly_{kind}_{}", bytes.iter().map(|b| format!("{b:02x}")).collect::<String>());
+    let record = ApiKeyRecord {
+        id: 0,
+        prefix: secret[..PREFIX_LENGTH].to_string(),
+        hash: hash(&secret),
+        organization,
+        scopes: if write { "read,write".into() } else { "read".into() },
+        name: name.to_string(),
+        created_at: now,
+        expires_at,
+        revoked_at: None,
+    };
+    NewKey { secret, record }
+}
+
+/// The key table, cached in memory; a miss looks in the database again, so keys made
+/// by `tally admin create-key` while the server runs work at once.
+pub struct KeyRing {
+    store: Mutex<ApiKeys>,
+    cache: RwLock<HashMap<[u8; 32], ApiKeyRecord>>,
+}
+
+impl KeyRing {
+    pub fn new(store: ApiKeys) -> Result<KeyRing, tally_store::StoreError> {
+        let cache = store.all()?.into_iter().map(|record| (record.hash, record)).collect();
+        Ok(KeyRing { store: Mutex::new(store), cache: RwLock::new(cache) })
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.cache.read().expect("key cache lock").is_empty()
+    }
+
+    pub fn insert(&self, mut key: NewKey) -> Result<NewKey, tally_store::StoreError> {
+        key.record.id = self.store.lock().expect("key store lock").insert(&key.record)?;
+        self.cache.write().expect("key cache lock").insert(key.record.hash, key.record.clone());
+        Ok(key)
+    }
+
+    pub fn revoke(&self, id: u64, now: Timestamp) -> Result<bool, tally_store::StoreError> {
+        let revoked = self.store.lock().expect("key store lock").revoke(id, now)?;
+        if revoked {
+            for record in self.cache.write().expect("key cache lock").values_mut() {
+                if record.id == id {
+                    record.revoked_at = Some(now);
+                }
+            }
+        }
+        Ok(revoked)
+    }
+
+    pub fn list(&self) -> Vec<ApiKeyRecord> {
+        let mut all: Vec<ApiKeyRecord> = self.cache.read().expect("key cache lock").values().cloned().collect();
+        all.sort_by_key(|record| record.id);
+        all
+    }
+
+    /// Who holds this bearer secret, if it is a live key.
+    pub fn authenticate(&self, secret: &str, now: Timestamp) -> Result<Caller, ApiError> {
+        let unauthorized =
+            || ApiError::new("unauthorized", "a valid API key is required: Authorization: Bearer tly_...");
+        if !secret.starts_with("tly_") || secret.len() > 128 {
+            return Err(unauthorized());
+        }
+        let digest = hash(secret);
+        let cached = self.cache.read().expect("key cache lock").get(&digest).cloned();
+        let record = match cached {
+            Some(record) => record,
+            None => {
+                let fresh = self.store.lock().expect("key store lock").all().map_err(|_| unauthorized())?;
+                let mut cache = self.cache.write().expect("key cache lock");
+                for record in fresh {
+                    cache.insert(record.hash, record);
+                }
+                cache.get(&digest).cloned().ok_or_else(unauthorized)?
+            }
+        };
+        if record.revoked_at.is_some() || record.expires_at.is_some_and(|at| at <= now) {
+            return Err(unauthorized());
+        }
+        Ok(match record.organization {
+            None => Caller::Admin { key: record.id },
+            Some(organization) => Caller::Organization {
+                key: record.id,
+                organization,
+                write: record.scopes.split(',').any(|s| s == "write"),
+            },
+        })
+    }
+}

@@ -1,0 +1,129 @@
+//! API errors as `application/problem+json`, with one table from code to HTTP status.
+
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use tally_engine::EngineError;
+use tally_ledger::Rejection;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    pub code: &'static str,
+    pub detail: String,
+    pub field: Option<String>,
+}
+
+impl ApiError {
+    pub fn new(code: &'static str, detail: impl Into<String>) -> ApiError {
+        ApiError { code, detail: detail.into(), field: None }
+    }
+
+    pub fn field(code: &'static str, field: &str, detail: impl Into<String>) -> ApiError {
+        ApiError { code, detail: detail.into(), field: Some(field.to_string()) }
+    }
+
+    pub fn not_found() -> ApiError {
+        ApiError::new("not_found", "no such resource, or not yours")
+    }
+
+    pub fn invalid(field: &str, detail: impl Into<String>) -> ApiError {
+        ApiError::field("invalid_request", field, detail)
+    }
+}
+
+/// The one table from error code to HTTP status. Every code a client can see is here.
+pub fn status_of(code: &str) -> StatusCode {
+    match code {
+        "invalid_request"
+        | "invalid_amount"
+        | "unknown_currency"
+        | "idempotency_key_required"
+        | "text_length_out_of_range"
+        | "too_many_items"
+        | "invalid_billing_details"
+        | "hold_ttl_out_of_range"
+        | "grant_expiry_in_past"
+        | "amount_must_be_positive"
+        | "amount_overflow"
+        | "fee_exceeds_amount"
+        | "same_wallet"
+        | "invalid_setting" => StatusCode::BAD_REQUEST,
+        "unauthorized" => StatusCode::UNAUTHORIZED,
+        "forbidden" => StatusCode::FORBIDDEN,
+        "not_found" | "wallet_not_found" | "hold_not_found" | "grant_not_found" | "organization_not_found" => {
+            StatusCode::NOT_FOUND
+        }
+        "idempotency_key_in_use" | "wallet_already_exists" => StatusCode::CONFLICT,
+        "payload_too_large" => StatusCode::PAYLOAD_TOO_LARGE,
+        "unsupported_media_type" => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "insufficient_funds"
+        | "currency_mismatch"
+        | "wallet_frozen"
+        | "wallet_closed"
+        | "wallet_not_empty"
+        | "wallet_on_hold"
+        | "hold_already_resolved"
+        | "capture_exceeds_hold"
+        | "capture_payee_mismatch"
+        | "grant_not_active"
+        | "idempotency_key_mismatch"
+        | "invalid_status_change" => StatusCode::UNPROCESSABLE_ENTITY,
+        "rate_limited" => StatusCode::TOO_MANY_REQUESTS,
+        "busy" | "not_ready" | "shutting_down" => StatusCode::SERVICE_UNAVAILABLE,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+impl From<Rejection> for ApiError {
+    fn from(rejection: Rejection) -> ApiError {
+        ApiError::new(rejection.code(), rejection.to_string())
+    }
+}
+
+impl From<EngineError> for ApiError {
+    fn from(error: EngineError) -> ApiError {
+        match error {
+            EngineError::Rejected(rejection) => rejection.into(),
+            EngineError::Busy => ApiError::new("busy", "the ledger is at capacity; retry shortly"),
+            EngineError::ShuttingDown => ApiError::new("shutting_down", "the server is shutting down"),
+            EngineError::Storage(detail) => {
+                tracing::error!(%detail, "storage error answered as 503");
+                ApiError::new("not_ready", "storage is unavailable; nothing was applied, retry shortly")
+            }
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = status_of(self.code);
+        let mut body = serde_json::json!({
+            "type": format!("https://docs.tally.dev/errors#{}", self.code),
+            "title": self.code,
+            "status": status.as_u16(),
+            "code": self.code,
+            "detail": self.detail,
+        });
+        if let Some(field) = self.field {
+            body["field"] = field.into();
+        }
+        let mut response = (status, body.to_string()).into_response();
+        response.headers_mut().insert(header::CONTENT_TYPE, "application/problem+json".parse().expect("valid header"));
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            response.headers_mut().insert(header::RETRY_AFTER, "1".parse().expect("valid header"));
+        }
+        response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_ledger_rejection_has_a_client_error_status() {
+        for rejection in Rejection::ALL {
+            let status = status_of(rejection.code());
+            assert!(status.is_client_error(), "{} maps to {status}", rejection.code());
+        }
+    }
+}

@@ -1,0 +1,949 @@
+//! Tally's HTTP API: the only crate that knows HTTP. It turns JSON requests into ledger
+//! commands for the engine, checks API keys and ownership, enforces idempotency
+//! headers, and answers with JSON or `application/problem+json`.
+
+mod auth;
+mod error;
+pub mod time;
+mod views;
+
+pub use auth::{generate as generate_key, Caller, KeyRing, NewKey};
+pub use error::{status_of, ApiError};
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{DefaultBodyLimit, FromRequest, Path, Query, Request, State as AxumState};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post, put};
+use axum::{Json, Router};
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::collections::HashSet;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tally_engine::{Answer, Clock, Handle, Request as EngineRequest};
+use tally_ledger::*;
+use tally_store::{HistoryReader, MovementFilter, Projector};
+
+/// Largest request body: every request here is a few hundred bytes.
+pub const BODY_BYTES_MAX: usize = 64 * 1024;
+/// Default and largest page of a list.
+pub const PAGE_SIZE_DEFAULT: u32 = 50;
+/// How long a replayed request waits for history to catch up with its first answer.
+const HISTORY_WAIT_MAX: Duration = Duration::from_secs(5);
+
+pub struct AppState {
+    pub handle: Handle,
+    pub projector: Arc<Projector>,
+    pub history: Mutex<HistoryReader>,
+    pub keys: KeyRing,
+    pub clock: Arc<dyn Clock>,
+    /// Idempotency keys whose first request is still executing.
+    in_flight: Mutex<HashSet<u128>>,
+}
+
+impl AppState {
+    pub fn new(
+        handle: Handle,
+        projector: Arc<Projector>,
+        history: HistoryReader,
+        keys: KeyRing,
+        clock: Arc<dyn Clock>,
+    ) -> AppState {
+        AppState { handle, projector, history: Mutex::new(history), keys, clock, in_flight: Mutex::new(HashSet::new()) }
+    }
+
+    async fn execute(&self, command: Command) -> Result<Receipt, ApiError> {
+        let (sender, receiver) = tokio::sync::oneshot::channel();
+        self.handle.submit(EngineRequest::Command(command), Box::new(move |outcome| drop(sender.send(outcome))))?;
+        match receiver.await.map_err(|_| ApiError::new("shutting_down", "the engine stopped"))?? {
+            Answer::Receipt(receipt) => Ok(receipt),
+            Answer::Read(_) => Err(ApiError::new("internal", "a command was answered with a read")),
+        }
+    }
+
+    async fn read<T: Send + 'static>(&self, read: impl FnOnce(&State) -> T + Send + 'static) -> Result<T, ApiError> {
+        let (sender, receiver) = tokio::sync::oneshot::channel();
+        let request =
+            EngineRequest::Read(Box::new(move |state| Box::new(read(state)) as Box<dyn std::any::Any + Send>));
+        self.handle.submit(request, Box::new(move |outcome| drop(sender.send(outcome))))?;
+        match receiver.await.map_err(|_| ApiError::new("shutting_down", "the engine stopped"))?? {
+            Answer::Read(value) => Ok(*value.downcast::<T>().map_err(|_| ApiError::new("internal", "read type"))?),
+            Answer::Receipt(_) => Err(ApiError::new("internal", "a read was answered with a receipt")),
+        }
+    }
+
+    /// Runs a history query on a blocking thread once history includes every write
+    /// durable so far.
+    async fn history<T: Send + 'static>(
+        self: &Arc<Self>,
+        query: impl FnOnce(&HistoryReader) -> Result<T, tally_store::StoreError> + Send + 'static,
+    ) -> Result<T, ApiError> {
+        let app = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let durable = app.handle.stats().durable_seq.load(std::sync::atomic::Ordering::Acquire);
+            if !app.projector.wait_for(durable, HISTORY_WAIT_MAX) {
+                return Err(ApiError::new("not_ready", "history is catching up; retry shortly"));
+            }
+            let reader = app.history.lock().expect("history lock");
+            query(&reader).map_err(|error| {
+                tracing::error!(%error, "history query failed");
+                ApiError::new("internal", "history is unavailable")
+            })
+        })
+        .await
+        .map_err(|_| ApiError::new("internal", "history task failed"))?
+    }
+
+    fn now(&self) -> Timestamp {
+        self.clock.now()
+    }
+}
+
+type App = AxumState<Arc<AppState>>;
+type ApiResult = Result<Response, ApiError>;
+
+/// The router with every endpoint. Tests and `tally serve` both use it.
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/v1/organizations", post(create_organization).get(list_organizations))
+        .route("/v1/organizations/{id}", get(get_organization))
+        .route("/v1/organizations/{id}/billing-details", put(update_billing))
+        .route("/v1/organizations/{id}/wallets", post(get_or_create_wallet).get(list_wallets))
+        .route("/v1/wallets/{id}", get(get_wallet))
+        .route("/v1/wallets/{id}/freeze", post(freeze_wallet))
+        .route("/v1/wallets/{id}/unfreeze", post(unfreeze_wallet))
+        .route("/v1/wallets/{id}/close", post(close_wallet))
+        .route("/v1/wallets/{id}/settings", put(wallet_settings))
+        .route("/v1/wallets/{id}/adjustments", post(adjust))
+        .route("/v1/wallets/{id}/grants", post(create_grant).get(list_grants))
+        .route("/v1/grants/{id}/void", post(void_grant))
+        .route("/v1/wallets/{id}/holds", post(place_hold).get(list_holds))
+        .route("/v1/holds/{id}", get(get_hold))
+        .route("/v1/holds/{id}/capture", post(capture_hold))
+        .route("/v1/holds/{id}/release", post(release_hold))
+        .route("/v1/transfers", post(transfer))
+        .route("/v1/wallets/{id}/movements", get(movements))
+        .route("/v1/operations/{id}", get(get_operation))
+        .route("/v1/api-keys", post(create_api_key).get(list_api_keys))
+        .route("/v1/api-keys/{id}", delete(revoke_api_key))
+        .fallback(|| async { ApiError::not_found() })
+        .layer(DefaultBodyLimit::max(BODY_BYTES_MAX))
+        .with_state(state)
+}
+
+/// Serves until `shutdown` resolves, then stops taking connections and finishes the
+/// requests in progress. The caller owns the listener (tests bind port 0).
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: Arc<AppState>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await
+}
+
+// ---- request plumbing ----
+
+/// JSON bodies: malformed JSON, unknown fields, wrong types and oversized bodies all
+/// become problem+json answers instead of axum's plain-text ones.
+pub struct ApiJson<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, ApiError> {
+        match Json::<T>::from_request(request, state).await {
+            Ok(Json(value)) => Ok(ApiJson(value)),
+            Err(JsonRejection::MissingJsonContentType(_)) => {
+                Err(ApiError::new("unsupported_media_type", "send Content-Type: application/json"))
+            }
+            Err(JsonRejection::BytesRejection(_)) => {
+                Err(ApiError::new("payload_too_large", format!("request bodies are limited to {BODY_BYTES_MAX} bytes")))
+            }
+            Err(rejection) => Err(ApiError::new("invalid_request", rejection.body_text())),
+        }
+    }
+}
+
+fn caller(app: &AppState, headers: &HeaderMap) -> Result<Caller, ApiError> {
+    let secret = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("Bearer "))
+        .ok_or_else(|| ApiError::new("unauthorized", "a valid API key is required: Authorization: Bearer tly_..."))?;
+    app.keys.authenticate(secret.trim(), app.now())
+}
+
+fn text(field: &str, value: &str, empty_allowed: bool) -> Result<String, ApiError> {
+    if value.len() > command::TEXT_LENGTH_MAX || (!empty_allowed && value.is_empty()) {
+        return Err(ApiError::field(
+            "text_length_out_of_range",
+            field,
+            format!("{field} must be {} to {} bytes", u8::from(!empty_allowed), command::TEXT_LENGTH_MAX),
+        ));
+    }
+    Ok(value.to_string())
+}
+
+fn currency(field: &str, code: &str) -> Result<Currency, ApiError> {
+    Currency::parse(code).map_err(|error| ApiError::field("unknown_currency", field, error.to_string()))
+}
+
+fn money(amount_field: &str, amount: &str, currency_code: &str) -> Result<Money, ApiError> {
+    let currency = currency("currency", currency_code)?;
+    let amount =
+        Amount::parse(amount).map_err(|error| ApiError::field("invalid_amount", amount_field, error.to_string()))?;
+    Ok(Money::new(amount, currency))
+}
+
+fn positive_money(field: &str, amount: &str, currency_code: &str) -> Result<Money, ApiError> {
+    let value = money(field, amount, currency_code)?;
+    if !value.amount.is_positive() {
+        return Err(ApiError::field("amount_must_be_positive", field, "amounts must be positive"));
+    }
+    Ok(value)
+}
+
+fn parse_id<T>(field: &str, text: &str, parse: fn(&str) -> Option<T>) -> Result<T, ApiError> {
+    parse(text).ok_or_else(|| ApiError::field("not_found", field, format!("no such {field}")))
+}
+
+fn created(value: Value) -> Response {
+    (StatusCode::CREATED, Json(value)).into_response()
+}
+
+fn ok(value: Value) -> Response {
+    (StatusCode::OK, Json(value)).into_response()
+}
+
+/// Loads a wallet the caller may see, or answers 404.
+async fn owned_wallet(
+    app: &AppState,
+    caller: &Caller,
+    id: &str,
+) -> Result<(WalletId, Value, OrganizationId, Currency), ApiError> {
+    let wallet = parse_id("wallet", id, WalletId::parse)?;
+    let found = app
+        .read(move |state| state.wallet(wallet).map(|w| (views::wallet(state, w), w.organization, w.currency)))
+        .await?;
+    match found {
+        Some((view, organization, currency)) if caller.owns(organization) => Ok((wallet, view, organization, currency)),
+        _ => Err(ApiError::not_found()),
+    }
+}
+
+/// Runs a money-moving request under its `Idempotency-Key`: a repeat with the same
+/// body replays the first answer, a different body is refused, a concurrent repeat
+/// gets 409.
+async fn run_money(app: &Arc<AppState>, caller: &Caller, headers: &HeaderMap, action: MoneyAction) -> ApiResult {
+    caller.require_write()?;
+    let key_text = headers.get("idempotency-key").and_then(|value| value.to_str().ok()).ok_or_else(|| {
+        ApiError::new("idempotency_key_required", "requests that move money need an Idempotency-Key header")
+    })?;
+    let key = IdempotencyKey::new(&caller.scope(), key_text)
+        .map_err(|_| ApiError::field("invalid_request", "Idempotency-Key", "the key must be 1 to 255 bytes"))?;
+    if !app.in_flight.lock().expect("in-flight lock").insert(key.0) {
+        return Err(ApiError::new("idempotency_key_in_use", "a request with this key is still executing"));
+    }
+    struct Release<'a>(&'a AppState, u128);
+    impl Drop for Release<'_> {
+        fn drop(&mut self) {
+            self.0.in_flight.lock().expect("in-flight lock").remove(&self.1);
+        }
+    }
+    let _release = Release(app, key.0);
+    let receipt = app.execute(Command::Move { key, action: action.clone() }).await?;
+    let (replayed, receipt) = match receipt {
+        Receipt::Replayed(_) => {
+            let original = app.history(move |reader| reader.receipt_for_key(key)).await?;
+            (true, original.ok_or_else(|| ApiError::new("internal", "the first answer to this key is missing"))?)
+        }
+        receipt => (false, receipt),
+    };
+    let (status, body) = views::money_answer(&action, &receipt);
+    let mut response = (StatusCode::from_u16(status).unwrap_or(StatusCode::OK), Json(body)).into_response();
+    if replayed {
+        response.headers_mut().insert("idempotent-replayed", HeaderValue::from_static("true"));
+    }
+    Ok(response)
+}
+
+// ---- health ----
+
+async fn healthz() -> Response {
+    ok(json!({"status": "ok"}))
+}
+
+async fn readyz(AxumState(app): App) -> Response {
+    if app.handle.stats().ready.load(std::sync::atomic::Ordering::Acquire) {
+        ok(json!({"status": "ready"}))
+    } else {
+        ApiError::new("not_ready", "the ledger is recovering or storage is unavailable").into_response()
+    }
+}
+
+// ---- organizations ----
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RolesBody {
+    #[serde(default)]
+    merchant: bool,
+    #[serde(default)]
+    consumer: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateOrganization {
+    name: String,
+    roles: Option<RolesBody>,
+}
+
+async fn create_organization(
+    AxumState(app): App,
+    headers: HeaderMap,
+    ApiJson(body): ApiJson<CreateOrganization>,
+) -> ApiResult {
+    caller(&app, &headers)?.require_admin()?;
+    let name = text("name", &body.name, false)?;
+    let roles = body.roles.map_or(Roles::default(), |r| Roles { merchant: r.merchant, consumer: r.consumer });
+    let Receipt::OrganizationCreated(id) = app.execute(Command::CreateOrganization { name, roles }).await? else {
+        return Err(ApiError::new("internal", "unexpected receipt"));
+    };
+    let view = app.read(move |state| state.organization(id).map(views::organization)).await?;
+    Ok(created(view.ok_or_else(ApiError::not_found)?))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PageQuery {
+    limit: Option<u32>,
+    after: Option<String>,
+}
+
+async fn list_organizations(AxumState(app): App, headers: HeaderMap, Query(query): Query<PageQuery>) -> ApiResult {
+    caller(&app, &headers)?.require_admin()?;
+    let limit = query.limit.unwrap_or(PAGE_SIZE_DEFAULT).clamp(1, tally_store::PAGE_SIZE_MAX) as usize;
+    let after = match query.after.as_deref() {
+        Some(cursor) => parse_id("after", cursor, OrganizationId::parse)?.0,
+        None => 0,
+    };
+    let (items, more) = app
+        .read(move |state| {
+            let page: Vec<Value> =
+                state.organizations.iter().skip(after as usize).take(limit + 1).map(views::organization).collect();
+            let more = page.len() > limit;
+            (page.into_iter().take(limit).collect::<Vec<_>>(), more)
+        })
+        .await?;
+    let next = if more { items.last().map(|o| o["id"].clone()) } else { None };
+    Ok(ok(json!({"object": "list", "data": items, "next_cursor": next})))
+}
+
+async fn get_organization(AxumState(app): App, headers: HeaderMap, Path(id): Path<String>) -> ApiResult {
+    let caller = caller(&app, &headers)?;
+    let id = parse_id("organization", &id, OrganizationId::parse)?;
+    if !caller.owns(id) {
+        return Err(ApiError::not_found());
+    }
+    let view = app.read(move |state| state.organization(id).map(views::organization)).await?;
+    Ok(ok(view.ok_or_else(ApiError::not_found)?))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BillingBody {
+    legal_name: String,
+    email: String,
+    #[serde(default)]
+    address: String,
+    country: String,
+    #[serde(default)]
+    region: String,
+    #[serde(default)]
+    tax_id: String,
+}
+
+async fn update_billing(
+    AxumState(app): App,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    ApiJson(body): ApiJson<BillingBody>,
+) -> ApiResult {
+    let caller = caller(&app, &headers)?;
+    caller.require_write()?;
+    let id = parse_id("organization", &id, OrganizationId::parse)?;
+    if !caller.owns(id) {
+        return Err(ApiError::not_found());
+    }
+    let billing = BillingDetails {
+        legal_name: text("legal_name", &body.legal_name, false)?,
+        email: text("email", &body.email, false)?,
+        address: text("address", &body.address, true)?,
+        country: text("country", &body.country, false)?,
+        region: text("region", &body.region, true)?,
+        tax_id: text("tax_id", &body.tax_id, true)?,
+    };
+    let roles =
+        app.read(move |state| state.organization(id).map(|o| o.roles)).await?.ok_or_else(ApiError::not_found)?;
+    app.execute(Command::UpdateOrganization { organization: id, roles, billing: Some(billing) }).await?;
+    let view = app.read(move |state| state.organization(id).map(views::organization)).await?;
+    Ok(ok(view.ok_or_else(ApiError::not_found)?))
+}
+
+// ---- wallets ----
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateWallet {
+    currency: String,
+    low_balance_threshold: Option<String>,
+}
+
+/// Get-or-create: safe to call on every page load; 201 when it created the wallet.
+async fn get_or_create_wallet(
+    AxumState(app): App,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    ApiJson(body): ApiJson<CreateWallet>,
+) -> ApiResult {
+    let caller = caller(&app, &headers)?;
+    caller.require_write()?;
+    let organization = parse_id("organization", &id, OrganizationId::parse)?;
+    if !caller.owns(organization) {
+        return Err(ApiError::not_found());
+    }
+    let currency = currency("currency", &body.currency)?;
+    let threshold = match body.low_balance_threshold.as_deref() {
+        Some(text) => Some(money("low_balance_threshold", text, currency.code())?.amount),
+        None => None,
+    };
+    let existing = app.read(move |state| state.wallet_for(organization, currency)).await?;
+    let (wallet, was_created) = match existing {
+        Some(wallet) => (wallet, false),
+        None => match app
+            .execute(Command::CreateWallet {
+                organization,
+                currency,
+                low_balance_threshold: threshold,
+                additional: false,
+            })
+            .await
+        {
+            Ok(Receipt::WalletCreated(wallet)) => (wallet, true),
+            // Two get-or-creates raced; the other one made it.
+            Err(ApiError { code: "wallet_already_exists", .. }) => (
+                app.read(move |state| state.wallet_for(organization, currency))
+                    .await?
+                    .ok_or_else(ApiError::not_found)?,
+                false,
+            ),
+            Err(error) => return Err(error),
+            Ok(_) => return Err(ApiError::new("internal", "unexpected receipt")),
+        },
+    };
+    let view = app.read(move |state| state.wallet(wallet).map(|w| views::wallet(state, w))).await?;
+    let view = view.ok_or_else(ApiError::not_found)?;
+    Ok(if was_created { created(view) } else { ok(view) })
+}
+
+async fn list_wallets(AxumState(app): App, headers: HeaderMap, Path(id): Path<String>) -> ApiResult {
+    let caller = caller(&app, &headers)?;
+    let organization = parse_id("organization", &id, OrganizationId::parse)?;
+    if !caller.owns(organization) {
+        return Err(ApiError::not_found());
+    }
+    let wallets = app
+        .read(move |state| {
+            state.organization(organization).map(|o| {
+                let mut all: Vec<Value> = Vec::new();
+                for (_, id) in &o.wallets {
+                    if let Some(w) = state.wallet(*id) {
+                        all.push(views::wallet(state, w));
+                    }
+                }
+                all
+            })
+        })
+        .await?
+        .ok_or_else(ApiError::not_found)?;
+    Ok(ok(json!({"object": "list", "data": wallets})))
+}
+
+async fn get_wallet(AxumState(app): App, headers: HeaderMap, Path(id): Path<String>) -> ApiResult {
+    let caller = caller(&app, &headers)?;
+    let (_, view, _, _) = owned_wallet(&app, &caller, &id).await?;
+    Ok(ok(view))
+}
+
+async fn set_status(
+    app: Arc<AppState>,
+    headers: HeaderMap,
+    id: String,
+    status: WalletStatus,
+    admin_only: bool,
+) -> ApiResult {
+    let caller = caller(&app, &headers)?;
+    if admin_only {
+        caller.require_admin()?;
+    }
+    caller.require_write()?;
+    let (wallet, _, _, _) = owned_wallet(&app, &caller, &id).await?;
+    app.execute(Command::SetWalletStatus { wallet, status }).await?;
+    let (_, view, _, _) = owned_wallet(&app, &caller, &id).await?;
+    Ok(ok(view))
+}
+
+async fn freeze_wallet(AxumState(app): App, headers: HeaderMap, Path(id): Path<String>) -> ApiResult {
+    set_status(app, headers, id, WalletStatus::Frozen, true).await
+}
+
+async fn unfreeze_wallet(AxumState(app): App, headers: HeaderMap, Path(id): Path<String>) -> ApiResult {
+    set_status(app, headers, id, WalletStatus::Active, true).await
+}
+
+async fn close_wallet(AxumState(app): App, headers: HeaderMap, Path(id): Path<String>) -> ApiResult {
+    set_status(app, headers, id, WalletStatus::Closed, false).await
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WalletSettings {
+    low_balance_threshold: Option<String>,
+}
+
+async fn wallet_settings(
+    AxumState(app): App,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    ApiJson(body): ApiJson<WalletSettings>,
+) -> ApiResult {
+    let caller = caller(&app, &headers)?;
+    caller.require_write()?;
+    let (wallet, _, _, currency) = owned_wallet(&app, &caller, &id).await?;
+    let threshold = match body.low_balance_threshold.as_deref() {
+        Some(text) => Some(money("low_balance_threshold", text, currency.code())?.amount),
+        None => None,
+    };
+    app.execute(Command::SetLowBalanceThreshold { wallet, threshold }).await?;
+    let (_, view, _, _) = owned_wallet(&app, &caller, &id).await?;
+    Ok(ok(view))
+}
+
+// ---- money ----
+
+#[derive(Deserialize, Clone, Copy)]
+#[serde(rename_all = "snake_case")]
+enum Direction {
+    Credit,
+    Debit,
+}
+
+#[derive(Deserialize, Clone, Copy)]
+#[serde(rename_all = "snake_case")]
+enum Source {
+    Funding,
+    Promotions,
+}
+
+impl Source {
+    fn adjustment(self) -> AdjustmentSource {
+        match self {
+            Source::Funding => AdjustmentSource::ExternalFunding,
+            Source::Promotions => AdjustmentSource::Promotions,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Adjustment {
+    direction: Direction,
+    amount: String,
+    currency: String,
+    source: Option<Source>,
+    reason: String,
+}
+
+async fn adjust(
+    AxumState(app): App,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    ApiJson(body): ApiJson<Adjustment>,
+) -> ApiResult {
+    let caller = caller(&app, &headers)?;
+    caller.require_admin()?;
+    let (wallet, _, _, _) = owned_wallet(&app, &caller, &id).await?;
+    let amount = positive_money("amount", &body.amount, &body.currency)?;
+    let reason = text("reason", &body.reason, false)?;
+    let source = body.source.unwrap_or(Source::Funding).adjustment();
+    let action = match body.direction {
+        Direction::Credit => {
+            MoneyAction::Credit { wallet, amount, kind: CreditKind::Adjustment, source, grant: None, reason }
+        }
+        Direction::Debit => MoneyAction::Debit { wallet, amount, source, reason },
+    };
+    run_money(&app, &caller, &headers, action).await
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ApplicabilityBody {
+    #[serde(default)]
+    merchants: Vec<String>,
+    #[serde(default)]
+    products: Vec<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateGrant {
+    amount: String,
+    currency: String,
+    category: GrantCategory,
+    #[serde(default)]
+    priority: u32,
+    expires_at: Option<String>,
+    applicability: Option<ApplicabilityBody>,
+    #[serde(default)]
+    reason: String,
+}
+
+async fn create_grant(
+    AxumState(app): App,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    ApiJson(body): ApiJson<CreateGrant>,
+) -> ApiResult {
+    let caller = caller(&app, &headers)?;
+    caller.require_admin()?;
+    let (wallet, _, _, _) = owned_wallet(&app, &caller, &id).await?;
+    let amount = positive_money("amount", &body.amount, &body.currency)?;
+    let expires_at = match body.expires_at.as_deref() {
+        Some(text) => {
+            Some(time::parse(text).ok_or_else(|| ApiError::invalid("expires_at", "use an RFC 3339 UTC time"))?)
+        }
+        None => None,
+    };
+    let applicability = match body.applicability {
+        Some(a) => Some(Applicability {
+            merchants: a
+                .merchants
+                .iter()
+                .map(|m| parse_id("merchants", m, OrganizationId::parse))
+                .collect::<Result<_, _>>()?,
+            products: a.products.iter().map(|p| parse_id("products", p, ProductId::parse)).collect::<Result<_, _>>()?,
+        }),
+        None => None,
+    };
+    let source = match body.category {
+        GrantCategory::Paid => AdjustmentSource::ExternalFunding,
+        _ => AdjustmentSource::Promotions,
+    };
+    let grant = GrantSpec { category: body.category, priority: body.priority, expires_at, applicability };
+    let reason = text("reason", &body.reason, true)?;
+    let action =
+        MoneyAction::Credit { wallet, amount, kind: CreditKind::Adjustment, source, grant: Some(grant), reason };
+    run_money(&app, &caller, &headers, action).await
+}
+
+async fn list_grants(AxumState(app): App, headers: HeaderMap, Path(id): Path<String>) -> ApiResult {
+    let caller = caller(&app, &headers)?;
+    let (_, view, _, _) = owned_wallet(&app, &caller, &id).await?;
+    Ok(ok(json!({"object": "list", "data": view["grants"]})))
+}
+
+async fn void_grant(AxumState(app): App, headers: HeaderMap, Path(id): Path<String>) -> ApiResult {
+    let caller = caller(&app, &headers)?;
+    caller.require_admin()?;
+    let grant = parse_id("grant", &id, GrantId::parse)?;
+    run_money(&app, &caller, &headers, MoneyAction::VoidGrant { grant, reason: String::new() }).await
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PlaceHold {
+    amount: String,
+    currency: String,
+    ttl_seconds: i64,
+    #[serde(default)]
+    exclusive: bool,
+    payee_wallet: Option<String>,
+    #[serde(default)]
+    description: String,
+}
+
+async fn place_hold(
+    AxumState(app): App,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    ApiJson(body): ApiJson<PlaceHold>,
+) -> ApiResult {
+    let caller = caller(&app, &headers)?;
+    let (wallet, _, _, _) = owned_wallet(&app, &caller, &id).await?;
+    let amount = positive_money("amount", &body.amount, &body.currency)?;
+    let payee = match body.payee_wallet.as_deref() {
+        Some(text) => Some(parse_id("payee_wallet", text, WalletId::parse)?),
+        None => None,
+    };
+    let ttl_ms = body.ttl_seconds.checked_mul(1000).ok_or_else(|| ApiError::invalid("ttl_seconds", "too large"))?;
+    let description = text("description", &body.description, true)?;
+    let action =
+        MoneyAction::PlaceHold { wallet, amount, ttl_ms, exclusive: body.exclusive, payee, product: None, description };
+    run_money(&app, &caller, &headers, action).await
+}
+
+async fn list_holds(AxumState(app): App, headers: HeaderMap, Path(id): Path<String>) -> ApiResult {
+    let caller = caller(&app, &headers)?;
+    let (wallet, _, _, currency) = owned_wallet(&app, &caller, &id).await?;
+    let holds = app
+        .read(move |state| {
+            let mut holds: Vec<&Hold> = state.holds.values().filter(|h| h.wallet == wallet).take(1_000).collect();
+            holds.sort_by_key(|h| h.id);
+            holds.into_iter().map(|h| views::hold(h, currency)).collect::<Vec<_>>()
+        })
+        .await?;
+    Ok(ok(json!({"object": "list", "data": holds})))
+}
+
+/// The active hold and its wallet's owner, or 404 (resolved holds show in history).
+async fn owned_hold(app: &AppState, caller: &Caller, id: &str) -> Result<(HoldId, Value), ApiError> {
+    let hold = parse_id("hold", id, HoldId::parse)?;
+    let found = app
+        .read(move |state| {
+            let h = state.hold(hold)?;
+            let wallet = state.wallet(h.wallet)?;
+            Some((views::hold(h, wallet.currency), wallet.organization))
+        })
+        .await?;
+    match found {
+        Some((view, organization)) if caller.owns(organization) => Ok((hold, view)),
+        _ => Err(ApiError::not_found()),
+    }
+}
+
+async fn get_hold(AxumState(app): App, headers: HeaderMap, Path(id): Path<String>) -> ApiResult {
+    let caller = caller(&app, &headers)?;
+    Ok(ok(owned_hold(&app, &caller, &id).await?.1))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CaptureHold {
+    amount: Option<String>,
+    to_wallet: String,
+    fee_amount: Option<String>,
+}
+
+async fn capture_hold(
+    AxumState(app): App,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    ApiJson(body): ApiJson<CaptureHold>,
+) -> ApiResult {
+    let caller = caller(&app, &headers)?;
+    let (hold, view) = owned_hold(&app, &caller, &id).await?;
+    let currency_code = view["currency"].as_str().unwrap_or_default().to_string();
+    let amount = match body.amount.as_deref() {
+        Some(text) => Some(positive_money("amount", text, &currency_code)?.amount),
+        None => None,
+    };
+    let fee = match body.fee_amount.as_deref() {
+        Some(text) => Fee::Fixed(money("fee_amount", text, &currency_code)?.amount),
+        None => Fee::None,
+    };
+    let to = parse_id("to_wallet", &body.to_wallet, WalletId::parse)?;
+    run_money(&app, &caller, &headers, MoneyAction::CaptureHold { hold, amount, to, fee }).await
+}
+
+async fn release_hold(AxumState(app): App, headers: HeaderMap, Path(id): Path<String>) -> ApiResult {
+    let caller = caller(&app, &headers)?;
+    let (hold, _) = owned_hold(&app, &caller, &id).await?;
+    run_money(&app, &caller, &headers, MoneyAction::ReleaseHold { hold }).await
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Transfer {
+    from_wallet: String,
+    to_wallet: String,
+    amount: String,
+    currency: String,
+    fee_amount: Option<String>,
+    #[serde(default)]
+    description: String,
+}
+
+async fn transfer(AxumState(app): App, headers: HeaderMap, ApiJson(body): ApiJson<Transfer>) -> ApiResult {
+    let caller = caller(&app, &headers)?;
+    // The paying wallet must be the caller's; the receiving one may be anyone's (a merchant).
+    let (from, _, _, _) = owned_wallet(&app, &caller, &body.from_wallet).await?;
+    let to = parse_id("to_wallet", &body.to_wallet, WalletId::parse)?;
+    let amount = positive_money("amount", &body.amount, &body.currency)?;
+    let fee = match body.fee_amount.as_deref() {
+        Some(text) => Fee::Fixed(money("fee_amount", text, &body.currency)?.amount),
+        None => Fee::None,
+    };
+    let description = text("description", &body.description, true)?;
+    let action =
+        MoneyAction::Transfer { from, to, amount, fee, kind: TransferKind::Transfer, product: None, description };
+    run_money(&app, &caller, &headers, action).await
+}
+
+// ---- history ----
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MovementQuery {
+    limit: Option<u32>,
+    before: Option<String>,
+    kind: Option<String>,
+    from: Option<String>,
+    until: Option<String>,
+}
+
+async fn movements(
+    AxumState(app): App,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Query(query): Query<MovementQuery>,
+) -> ApiResult {
+    let caller = caller(&app, &headers)?;
+    let (wallet, _, _, currency) = owned_wallet(&app, &caller, &id).await?;
+    let parse_time = |field: &str, value: &Option<String>| -> Result<Option<Timestamp>, ApiError> {
+        match value.as_deref() {
+            Some(text) => {
+                time::parse(text).map(Some).ok_or_else(|| ApiError::invalid(field, "use an RFC 3339 UTC time"))
+            }
+            None => Ok(None),
+        }
+    };
+    let filter = MovementFilter {
+        before: match query.before.as_deref() {
+            Some(cursor) => Some(parse_id("before", cursor, OperationId::parse)?),
+            None => None,
+        },
+        kinds: query.kind.iter().flat_map(|k| k.split(',')).map(|k| k.chars().take(32).collect()).take(16).collect(),
+        from: parse_time("from", &query.from)?,
+        until: parse_time("until", &query.until)?,
+        limit: query.limit.unwrap_or(PAGE_SIZE_DEFAULT),
+    };
+    let limit = filter.limit.clamp(1, tally_store::PAGE_SIZE_MAX) as usize;
+    let page = app.history(move |reader| reader.movements(wallet, &filter)).await?;
+    let data: Vec<Value> = page
+        .iter()
+        .map(|m| {
+            json!({
+                "object": "movement",
+                "wallet": m.wallet.to_string(),
+                "operation": m.operation.to_string(),
+                "kind": m.kind,
+                "created_at": time::format(m.at),
+                "amount": views::amount(m.amount, currency),
+                "balance_after": views::amount(m.balance_after, currency),
+                "currency": currency.code(),
+                "grants": m.grants.iter().map(|g| json!({"grant": g.grant.to_string(), "amount": views::amount(g.amount, currency)})).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    let next = if data.len() == limit { page.last().map(|m| m.operation.to_string()) } else { None };
+    Ok(ok(json!({"object": "list", "data": data, "next_cursor": next})))
+}
+
+async fn get_operation(AxumState(app): App, headers: HeaderMap, Path(id): Path<String>) -> ApiResult {
+    let caller = caller(&app, &headers)?;
+    let id = parse_id("operation", &id, OperationId::parse)?;
+    let operation = app.history(move |reader| reader.operation(id)).await?.ok_or_else(ApiError::not_found)?;
+    if !caller.is_admin() {
+        let wallets: Vec<WalletId> = operation
+            .legs
+            .iter()
+            .filter_map(|leg| match leg.account {
+                Account::Wallet(wallet) => Some(wallet),
+                _ => None,
+            })
+            .collect();
+        let owners = app
+            .read(move |state| {
+                wallets.iter().filter_map(|w| state.wallet(*w).map(|w| w.organization)).collect::<Vec<_>>()
+            })
+            .await?;
+        if !owners.iter().any(|owner| caller.owns(*owner)) {
+            return Err(ApiError::not_found());
+        }
+    }
+    Ok(ok(views::operation(&operation)))
+}
+
+// ---- API keys ----
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateKey {
+    organization: Option<String>,
+    #[serde(default)]
+    name: String,
+    #[serde(default)]
+    read_only: bool,
+    expires_at: Option<String>,
+}
+
+fn key_view(record: &tally_store::ApiKeyRecord) -> Value {
+    json!({
+        "id": format!("key_{}", record.id),
+        "object": "api_key",
+        "prefix": record.prefix,
+        "name": record.name,
+        "organization": record.organization.map(|o| o.to_string()),
+        "scopes": record.scopes.split(',').collect::<Vec<_>>(),
+        "created_at": time::format(record.created_at),
+        "expires_at": record.expires_at.map(time::format),
+        "revoked_at": record.revoked_at.map(time::format),
+    })
+}
+
+async fn create_api_key(AxumState(app): App, headers: HeaderMap, ApiJson(body): ApiJson<CreateKey>) -> ApiResult {
+    caller(&app, &headers)?.require_admin()?;
+    let organization = match body.organization.as_deref() {
+        Some(text) => {
+            let id = parse_id("organization", text, OrganizationId::parse)?;
+            app.read(move |state| state.organization(id).is_some())
+                .await?
+                .then_some(id)
+                .ok_or_else(ApiError::not_found)?;
+            Some(id)
+        }
+        None => None,
+    };
+    let expires_at = match body.expires_at.as_deref() {
+        Some(text) => {
+            Some(time::parse(text).ok_or_else(|| ApiError::invalid("expires_at", "use an RFC 3339 UTC time"))?)
+        }
+        None => None,
+    };
+    let name = text("name", &body.name, true)?;
+    let key = auth::generate(organization, !body.read_only, &name, app.now(), expires_at);
+    let key = app.keys.insert(key).map_err(|_| ApiError::new("internal", "could not store the key"))?;
+    let mut view = key_view(&key.record);
+    view["secret"] = key.secret.into();
+    Ok(created(view))
+}
+
+async fn list_api_keys(AxumState(app): App, headers: HeaderMap) -> ApiResult {
+    caller(&app, &headers)?.require_admin()?;
+    Ok(ok(json!({"object": "list", "data": app.keys.list().iter().map(key_view).collect::<Vec<_>>()})))
+}
+
+async fn revoke_api_key(AxumState(app): App, headers: HeaderMap, Path(id): Path<String>) -> ApiResult {
+    caller(&app, &headers)?.require_admin()?;
+    let id: u64 = id.strip_prefix("key_").and_then(|n| n.parse().ok()).ok_or_else(ApiError::not_found)?;
+    if !app.keys.revoke(id, app.now()).map_err(|_| ApiError::new("internal", "could not revoke"))? {
+        return Err(ApiError::not_found());
+    }
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
