@@ -1,0 +1,390 @@
+//! Black-box tests over HTTP: a server on port 0 with a fresh database per test.
+
+use reqwest::{Client, StatusCode};
+use serde_json::{json, Value};
+use std::sync::Arc;
+use tally_engine::{Clock, Engine, EngineConfig, SystemClock};
+use tally_server::{generate_key, AppState, KeyRing};
+use tally_store::{ApiKeys, HistoryReader, Projector, SqliteStore};
+
+struct Server {
+    base: String,
+    admin: String,
+    client: Client,
+    state: Arc<AppState>,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    engine: Option<Engine>,
+    _directory: tempfile::TempDir,
+}
+
+impl Server {
+    async fn start() -> Server {
+        let directory = tempfile::tempdir().unwrap();
+        let path = directory.path().join("api.db");
+        let store = SqliteStore::open(&path).unwrap();
+        let projector = Arc::new(Projector::spawn(&path).unwrap());
+        let notify = projector.clone();
+        let clock = Arc::new(SystemClock);
+        let engine =
+            Engine::start(store, clock.clone(), EngineConfig::default(), Some(Box::new(move |_| notify.notify())))
+                .unwrap();
+        let keys = KeyRing::new(ApiKeys::open(&path).unwrap()).unwrap();
+        let admin = keys.insert(generate_key(None, true, "test", clock.now(), None)).unwrap().secret;
+        let state =
+            Arc::new(AppState::new(engine.handle(), projector, HistoryReader::open(&path).unwrap(), keys, clock));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let (shutdown, signal) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(tally_server::serve(listener, state.clone(), async move {
+            let _ = signal.await;
+        }));
+        Server {
+            base,
+            admin,
+            client: Client::new(),
+            state,
+            shutdown: Some(shutdown),
+            engine: Some(engine),
+            _directory: directory,
+        }
+    }
+
+    async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        key: &str,
+        idempotency: Option<&str>,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
+        let mut request = self
+            .client
+            .request(method.parse().unwrap(), format!("{}{}", self.base, path))
+            .header("Authorization", format!("Bearer {key}"));
+        if let Some(idempotency) = idempotency {
+            request = request.header("Idempotency-Key", idempotency);
+        }
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.unwrap();
+        let status = response.status();
+        let text = response.text().await.unwrap();
+        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    }
+
+    async fn post(&self, path: &str, key: &str, idempotency: Option<&str>, body: Value) -> (StatusCode, Value) {
+        self.call("POST", path, key, idempotency, Some(body)).await
+    }
+
+    async fn get(&self, path: &str, key: &str) -> (StatusCode, Value) {
+        self.call("GET", path, key, None, None).await
+    }
+
+    /// An organization with a USD wallet; returns (org id, wallet id, org key).
+    async fn organization(&self, name: &str) -> (String, String, String) {
+        let (status, org) = self.post("/v1/organizations", &self.admin, None, json!({"name": name})).await;
+        assert_eq!(status, StatusCode::CREATED, "{org}");
+        let org = org["id"].as_str().unwrap().to_string();
+        let (status, wallet) =
+            self.post(&format!("/v1/organizations/{org}/wallets"), &self.admin, None, json!({"currency": "USD"})).await;
+        assert_eq!(status, StatusCode::CREATED, "{wallet}");
+        let (status, key) = self.post("/v1/api-keys", &self.admin, None, json!({"organization": org})).await;
+        assert_eq!(status, StatusCode::CREATED, "{key}");
+        (org, wallet["id"].as_str().unwrap().to_string(), key["secret"].as_str().unwrap().to_string())
+    }
+
+    async fn credit(&self, wallet: &str, amount: &str, key: &str) {
+        let (status, body) = self
+            .post(
+                &format!("/v1/wallets/{wallet}/adjustments"),
+                &self.admin,
+                Some(key),
+                json!({"direction": "credit", "amount": amount, "currency": "USD", "reason": "test"}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+    }
+
+    async fn wallet(&self, wallet: &str) -> Value {
+        self.get(&format!("/v1/wallets/{wallet}"), &self.admin).await.1
+    }
+
+    async fn stop(mut self) {
+        let _ = self.shutdown.take().unwrap().send(());
+        let engine = self.engine.take().unwrap();
+        tokio::task::spawn_blocking(move || engine.shutdown()).await.unwrap();
+        drop(self.state);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quickstart_flow_credit_hold_capture_history() {
+    let server = Server::start().await;
+    let (_, consumer, consumer_key) = server.organization("Consumer").await;
+    let (_, merchant, _) = server.organization("Merchant").await;
+    server.credit(&consumer, "50.00", "welcome").await;
+    let (status, hold) = server
+        .post(
+            &format!("/v1/wallets/{consumer}/holds"),
+            &consumer_key,
+            Some("h1"),
+            json!({"amount": "20.00", "currency": "USD", "ttl_seconds": 300}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{hold}");
+    assert_eq!(server.wallet(&consumer).await["available"], "30.00");
+    let hold_id = hold["id"].as_str().unwrap();
+    let (status, captured) = server
+        .post(
+            &format!("/v1/holds/{hold_id}/capture"),
+            &consumer_key,
+            Some("c1"),
+            json!({"amount": "15.00", "to_wallet": merchant, "fee_amount": "0.50"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{captured}");
+    assert_eq!(captured["released"], "5.00");
+    let wallet = server.wallet(&consumer).await;
+    assert_eq!((wallet["balance"].as_str(), wallet["held"].as_str()), (Some("35.00"), Some("0.00")));
+    assert_eq!(server.wallet(&merchant).await["balance"], "14.50");
+    let (status, page) = server.get(&format!("/v1/wallets/{consumer}/movements?limit=1"), &consumer_key).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(page["data"][0]["kind"], "hold_capture");
+    assert_eq!(page["data"][0]["balance_after"], "35.00");
+    let cursor = page["next_cursor"].as_str().unwrap().to_string();
+    let (_, older) = server.get(&format!("/v1/wallets/{consumer}/movements?before={cursor}"), &consumer_key).await;
+    assert_eq!(older["data"][0]["kind"], "adjustment_credit");
+    let operation = page["data"][0]["operation"].as_str().unwrap();
+    let (status, operation) = server.get(&format!("/v1/operations/{operation}"), &consumer_key).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(operation["legs"].as_array().unwrap().len(), 3);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_organizations_key_gets_404_everywhere_and_changes_nothing() {
+    let server = Server::start().await;
+    let (org, wallet, key) = server.organization("Victim").await;
+    let (_, _, intruder) = server.organization("Intruder").await;
+    server.credit(&wallet, "10.00", "fund").await;
+    let (_, hold) = server
+        .post(
+            &format!("/v1/wallets/{wallet}/holds"),
+            &key,
+            Some("h"),
+            json!({"amount": "1.00", "currency": "USD", "ttl_seconds": 60}),
+        )
+        .await;
+    let hold = hold["id"].as_str().unwrap().to_string();
+    let (_, page) = server.get(&format!("/v1/wallets/{wallet}/movements"), &key).await;
+    let operation = page["data"][0]["operation"].as_str().unwrap().to_string();
+    let before = server.wallet(&wallet).await;
+    let usd = |amount: &str| json!({"amount": amount, "currency": "USD"});
+    let cases: Vec<(&str, String, Option<Value>)> = vec![
+        ("GET", format!("/v1/organizations/{org}"), None),
+        (
+            "PUT",
+            format!("/v1/organizations/{org}/billing-details"),
+            Some(json!({"legal_name": "x", "email": "a@b", "country": "US"})),
+        ),
+        ("GET", format!("/v1/organizations/{org}/wallets"), None),
+        ("POST", format!("/v1/organizations/{org}/wallets"), Some(json!({"currency": "EUR"}))),
+        ("GET", format!("/v1/wallets/{wallet}"), None),
+        ("POST", format!("/v1/wallets/{wallet}/freeze"), None),
+        ("POST", format!("/v1/wallets/{wallet}/unfreeze"), None),
+        ("POST", format!("/v1/wallets/{wallet}/close"), None),
+        ("PUT", format!("/v1/wallets/{wallet}/settings"), Some(json!({"low_balance_threshold": "1.00"}))),
+        (
+            "POST",
+            format!("/v1/wallets/{wallet}/adjustments"),
+            Some(json!({"direction": "debit", "amount": "1.00", "currency": "USD", "reason": "x"})),
+        ),
+        (
+            "POST",
+            format!("/v1/wallets/{wallet}/grants"),
+            Some(json!({"amount": "1.00", "currency": "USD", "category": "promotional"})),
+        ),
+        ("GET", format!("/v1/wallets/{wallet}/grants"), None),
+        (
+            "POST",
+            format!("/v1/wallets/{wallet}/holds"),
+            Some(json!({"amount": "1.00", "currency": "USD", "ttl_seconds": 60})),
+        ),
+        ("GET", format!("/v1/wallets/{wallet}/holds"), None),
+        ("GET", format!("/v1/holds/{hold}"), None),
+        ("POST", format!("/v1/holds/{hold}/capture"), Some(json!({"to_wallet": "wal_2"}))),
+        ("POST", format!("/v1/holds/{hold}/release"), None),
+        ("GET", format!("/v1/wallets/{wallet}/movements"), None),
+        ("GET", format!("/v1/operations/{operation}"), None),
+        (
+            "POST",
+            "/v1/transfers".to_string(),
+            Some(json!({"from_wallet": wallet, "to_wallet": "wal_2", "amount": "1.00", "currency": "USD"})),
+        ),
+        ("POST", "/v1/grants/grt_1/void".to_string(), None),
+    ];
+    let _ = usd;
+    for (method, path, body) in cases {
+        let body = body.or(Some(json!({})));
+        let (status, answer) = server.call(method, &path, &intruder, Some("intruder-key"), body).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{method} {path} gave {status}: {answer}");
+        assert_eq!(answer["code"], "not_found", "{method} {path}");
+    }
+    assert_eq!(server.wallet(&wallet).await, before, "the intruder changed the wallet");
+    assert_eq!(server.get(&format!("/v1/holds/{hold}"), &key).await.0, StatusCode::OK, "the hold is still active");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotent_replays_mismatches_and_fifty_concurrent_repeats() {
+    let server = Server::start().await;
+    let (_, wallet, _) = server.organization("Org").await;
+    let body = json!({"direction": "credit", "amount": "5.00", "currency": "USD", "reason": "r"});
+    let path = format!("/v1/wallets/{wallet}/adjustments");
+    let (first_status, first) = server.post(&path, &server.admin, Some("same"), body.clone()).await;
+    let response = server
+        .client
+        .post(format!("{}{}", server.base, path))
+        .header("Authorization", format!("Bearer {}", server.admin))
+        .header("Idempotency-Key", "same")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), first_status);
+    assert_eq!(response.headers().get("idempotent-replayed").map(|v| v.to_str().unwrap()), Some("true"));
+    assert_eq!(response.json::<Value>().await.unwrap(), first, "the replay must be the first answer");
+    let (status, mismatch) = server
+        .post(
+            &path,
+            &server.admin,
+            Some("same"),
+            json!({"direction": "credit", "amount": "6.00", "currency": "USD", "reason": "r"}),
+        )
+        .await;
+    assert_eq!(
+        (status, mismatch["code"].as_str()),
+        (StatusCode::UNPROCESSABLE_ENTITY, Some("idempotency_key_mismatch"))
+    );
+    let (status, missing) = server.post(&path, &server.admin, None, body.clone()).await;
+    assert_eq!((status, missing["code"].as_str()), (StatusCode::BAD_REQUEST, Some("idempotency_key_required")));
+
+    let server = Arc::new(server);
+    let concurrent = futures::future::join_all((0..50).map(|_| {
+        let server = server.clone();
+        let path = path.clone();
+        async move {
+            server
+                .post(
+                    &path,
+                    &server.admin,
+                    Some("burst"),
+                    json!({"direction": "credit", "amount": "1.00", "currency": "USD", "reason": "r"}),
+                )
+                .await
+                .0
+        }
+    }))
+    .await;
+    assert!(concurrent.iter().all(|s| *s == StatusCode::CREATED || *s == StatusCode::CONFLICT), "{concurrent:?}");
+    assert!(concurrent.contains(&StatusCode::CREATED));
+    // 5.00 once, plus 1.00 exactly once however many of the 50 got through.
+    assert_eq!(server.wallet(&wallet).await["balance"], "6.00");
+    Arc::try_unwrap(server).ok().unwrap().stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_concurrent_debits_of_one_against_ten() {
+    let server = Server::start().await;
+    let (_, wallet, key) = server.organization("Spender").await;
+    let (_, merchant, _) = server.organization("Shop").await;
+    server.credit(&wallet, "10.00", "fund").await;
+    let server = Arc::new(server);
+    let statuses = futures::future::join_all((0..100).map(|n| {
+        let (server, wallet, merchant, key) = (server.clone(), wallet.clone(), merchant.clone(), key.clone());
+        async move {
+            let body = json!({"from_wallet": wallet, "to_wallet": merchant, "amount": "1.00", "currency": "USD"});
+            server.post("/v1/transfers", &key, Some(&format!("t{n}")), body).await
+        }
+    }))
+    .await;
+    let succeeded = statuses.iter().filter(|(s, _)| *s == StatusCode::CREATED).count();
+    let refused = statuses
+        .iter()
+        .filter(|(s, b)| *s == StatusCode::UNPROCESSABLE_ENTITY && b["code"] == "insufficient_funds")
+        .count();
+    assert_eq!((succeeded, refused), (10, 90));
+    assert_eq!(server.wallet(&wallet).await["balance"], "0.00");
+    assert_eq!(server.wallet(&merchant).await["balance"], "10.00");
+    Arc::try_unwrap(server).ok().unwrap().stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_a_clear_4xx_never_a_500() {
+    let server = Server::start().await;
+    let (_, wallet, key) = server.organization("Org").await;
+    let path = format!("/v1/wallets/{wallet}/holds");
+    let hold = |amount: &str, currency: &str| json!({"amount": amount, "currency": currency, "ttl_seconds": 60});
+    let mut answers = Vec::new();
+    for (name, body) in [
+        ("exponent", hold("1e3", "USD")),
+        ("too_precise", hold("0.1234567891234", "USD")),
+        ("negative", hold("-5", "USD")),
+        ("nan", hold("NaN", "USD")),
+        ("zero", hold("0", "USD")),
+        ("unknown_currency", hold("1.00", "XXX")),
+        ("unknown_field", json!({"amount": "1.00", "currency": "USD", "ttl_seconds": 60, "color": "red"})),
+        ("wrong_type", json!({"amount": 1.0, "currency": "USD", "ttl_seconds": 60})),
+        ("too_long", json!({"amount": "1.00", "currency": "USD", "ttl_seconds": 60, "description": "x".repeat(300)})),
+        (
+            "ttl",
+            hold("1.00", "USD")
+                .as_object()
+                .cloned()
+                .map(|mut o| {
+                    o.insert("ttl_seconds".into(), json!(0));
+                    Value::Object(o)
+                })
+                .unwrap(),
+        ),
+    ] {
+        let (status, answer) = server.post(&path, &key, Some(name), body).await;
+        assert!(status.is_client_error(), "{name}: {status} {answer}");
+        answers.push((name, status.as_u16(), answer));
+    }
+    let raw = server
+        .client
+        .post(format!("{}{}", server.base, path))
+        .header("Authorization", format!("Bearer {key}"))
+        .header("Idempotency-Key", "malformed")
+        .header("content-type", "application/json")
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    answers.push(("malformed", raw.status().as_u16(), raw.json().await.unwrap()));
+    let big = server
+        .client
+        .post(format!("{}{}", server.base, path))
+        .header("Authorization", format!("Bearer {key}"))
+        .header("Idempotency-Key", "big")
+        .header("content-type", "application/json")
+        .body(format!("{{\"description\": \"{}\"}}", "x".repeat(100_000)))
+        .send()
+        .await
+        .unwrap();
+    answers.push(("oversized", big.status().as_u16(), big.json().await.unwrap()));
+    let (status, answer) = server.get(&format!("/v1/wallets/{wallet}"), "tly_org_not_a_key").await;
+    answers.push(("bad_key", status.as_u16(), answer));
+    for (name, status, answer) in &answers {
+        assert!((400..500).contains(status), "{name}: {status}");
+        assert!(answer["code"].is_string() && answer["detail"].is_string(), "{name}: {answer}");
+    }
+    insta::assert_json_snapshot!(
+        "bad_input_answers",
+        answers.iter().map(|(n, s, a)| json!({"case": n, "status": s, "body": a})).collect::<Vec<_>>()
+    );
+    assert_eq!(server.wallet(&wallet).await["held"], "0.00");
+    server.stop().await;
+}
