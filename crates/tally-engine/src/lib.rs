@@ -33,7 +33,12 @@ pub type Outcome = Result<Answer, EngineError>;
 
 pub enum Request {
     Command(Command),
+    /// A read answered after every write before it is durable.
     Read(ReadFn),
+    /// A read of facts that never change once made (a wallet's owner and currency),
+    /// answered at once by the writer without waiting for commits. Only for such facts:
+    /// anything that can change must use `Read`.
+    ReadImmutable(ReadFn),
 }
 
 // Receipts are moved, not boxed: one allocation less per command on the hot path.
@@ -367,6 +372,12 @@ impl Writer {
                 Err(rejection) => (None, Err(EngineError::Rejected(rejection))),
             },
             Request::Read(read) => (None, Ok(Answer::Read(read(&self.state)))),
+            Request::ReadImmutable(read) => {
+                if let Some(reply) = reply {
+                    reply(Ok(Answer::Read(read(&self.state))));
+                }
+                return;
+            }
         };
         if journaled.is_some() {
             self.since_snapshot += 1;
@@ -454,8 +465,9 @@ fn run_committer<S: Store>(
                 // Group commit across batches: when commits come faster than the disk
                 // likes, wait out the minimum interval and take every batch that
                 // arrived meanwhile into the same transaction (one sync for all).
+                // Batches of reads and rejections write nothing, so they do not wait.
                 let since = last_commit.elapsed();
-                if since < COMMIT_INTERVAL_MIN {
+                if batch.seq != 0 && since < COMMIT_INTERVAL_MIN {
                     std::thread::sleep(COMMIT_INTERVAL_MIN - since);
                 }
                 let mut group = vec![batch];
@@ -469,8 +481,9 @@ fn run_committer<S: Store>(
                         Err(_) => break,
                     }
                 }
-                commit_group(&mut store, group, &stats, &failed, on_commit.as_ref());
-                last_commit = Instant::now();
+                if commit_group(&mut store, group, &stats, &failed, on_commit.as_ref()) {
+                    last_commit = Instant::now();
+                }
             }
             CommitMessage::Snapshot(seq, encoded) => {
                 if !failed.load(Ordering::Acquire) {
@@ -511,7 +524,8 @@ fn commit_group<S: Store>(
     stats: &EngineStats,
     failed: &AtomicBool,
     on_commit: Option<&OnCommit>,
-) {
+) -> bool {
+    let writes = group.iter().any(|batch| batch.seq != 0);
     let result = if failed.load(Ordering::Acquire) {
         Err("an earlier batch failed to commit".to_string())
     } else {
@@ -566,4 +580,5 @@ fn commit_group<S: Store>(
             }
         }
     }
+    writes
 }

@@ -97,6 +97,22 @@ impl AppState {
         .map_err(|_| ApiError::new("internal", "history task failed"))?
     }
 
+    /// A wallet's owner and currency, which never change: answered without waiting
+    /// for commits in flight.
+    async fn wallet_meta(&self, wallet: WalletId) -> Result<Option<(OrganizationId, Currency)>, ApiError> {
+        let (sender, receiver) = tokio::sync::oneshot::channel();
+        let request = EngineRequest::ReadImmutable(Box::new(move |state| {
+            Box::new(state.wallet(wallet).map(|w| (w.organization, w.currency))) as Box<dyn std::any::Any + Send>
+        }));
+        self.handle.submit(request, Box::new(move |outcome| drop(sender.send(outcome))))?;
+        match receiver.await.map_err(|_| ApiError::new("shutting_down", "the engine stopped"))?? {
+            Answer::Read(value) => Ok(*value
+                .downcast::<Option<(OrganizationId, Currency)>>()
+                .map_err(|_| ApiError::new("internal", "read type"))?),
+            Answer::Receipt(_) => Err(ApiError::new("internal", "a read was answered with a receipt")),
+        }
+    }
+
     fn now(&self) -> Timestamp {
         self.clock.now()
     }
@@ -218,6 +234,19 @@ fn created(value: Value) -> Response {
 
 fn ok(value: Value) -> Response {
     (StatusCode::OK, Json(value)).into_response()
+}
+
+/// A wallet the caller may use, with its owner and currency, or 404.
+async fn owned_wallet_meta(
+    app: &AppState,
+    caller: &Caller,
+    id: &str,
+) -> Result<(WalletId, OrganizationId, Currency), ApiError> {
+    let wallet = parse_id("wallet", id, WalletId::parse)?;
+    match app.wallet_meta(wallet).await? {
+        Some((organization, currency)) if caller.owns(organization) => Ok((wallet, organization, currency)),
+        _ => Err(ApiError::not_found()),
+    }
 }
 
 /// Loads a wallet the caller may see, or answers 404.
@@ -578,7 +607,7 @@ async fn adjust(
 ) -> ApiResult {
     let caller = caller(&app, &headers)?;
     caller.require_admin()?;
-    let (wallet, _, _, _) = owned_wallet(&app, &caller, &id).await?;
+    let (wallet, _, _) = owned_wallet_meta(&app, &caller, &id).await?;
     let amount = positive_money("amount", &body.amount, &body.currency)?;
     let reason = text("reason", &body.reason, false)?;
     let source = body.source.unwrap_or(Source::Funding).adjustment();
@@ -782,7 +811,7 @@ struct Transfer {
 async fn transfer(AxumState(app): App, headers: HeaderMap, ApiJson(body): ApiJson<Transfer>) -> ApiResult {
     let caller = caller(&app, &headers)?;
     // The paying wallet must be the caller's; the receiving one may be anyone's (a merchant).
-    let (from, _, _, _) = owned_wallet(&app, &caller, &body.from_wallet).await?;
+    let (from, _, _) = owned_wallet_meta(&app, &caller, &body.from_wallet).await?;
     let to = parse_id("to_wallet", &body.to_wallet, WalletId::parse)?;
     let amount = positive_money("amount", &body.amount, &body.currency)?;
     let fee = match body.fee_amount.as_deref() {
@@ -814,7 +843,7 @@ async fn movements(
     Query(query): Query<MovementQuery>,
 ) -> ApiResult {
     let caller = caller(&app, &headers)?;
-    let (wallet, _, _, currency) = owned_wallet(&app, &caller, &id).await?;
+    let (wallet, _, currency) = owned_wallet_meta(&app, &caller, &id).await?;
     let parse_time = |field: &str, value: &Option<String>| -> Result<Option<Timestamp>, ApiError> {
         match value.as_deref() {
             Some(text) => {

@@ -4,7 +4,7 @@
 //! must see a given write wait until the watermark passes it.
 
 use crate::codec;
-use crate::sqlite::open_connection;
+use crate::sqlite::open_history;
 use crate::StoreError;
 use rusqlite::{params, Connection, OptionalExtension};
 use std::path::{Path, PathBuf};
@@ -59,7 +59,7 @@ mod crossbeam_like {
 impl Projector {
     pub fn spawn(path: impl AsRef<Path>) -> Result<Projector, StoreError> {
         let path: PathBuf = path.as_ref().to_path_buf();
-        let mut connection = open_connection(&path)?;
+        let mut connection = open_history(&path)?;
         // History can be rebuilt from the journal, so the projection need not fsync.
         connection.pragma_update(None, "synchronous", "NORMAL")?;
         let start: i64 = connection.query_row("SELECT seq FROM projection WHERE id = 1", [], |row| row.get(0))?;
@@ -141,8 +141,9 @@ fn project_some(connection: &mut Connection, after: u64) -> Result<Option<u64>, 
     let transaction = connection.transaction()?;
     let mut last = None;
     {
-        let mut select = transaction
-            .prepare_cached("SELECT seq, commands, receipts FROM journal WHERE seq > ?1 ORDER BY seq LIMIT ?2")?;
+        let mut select = transaction.prepare_cached(
+            "SELECT seq, commands, receipts FROM ledger.journal WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+        )?;
         let mut insert_key = transaction
             .prepare_cached("INSERT OR REPLACE INTO idempotency_index (key, seq, position) VALUES (?1, ?2, ?3)")?;
         let mut insert_operation = transaction.prepare_cached(
@@ -226,7 +227,7 @@ pub struct HistoryReader {
 
 impl HistoryReader {
     pub fn open(path: impl AsRef<Path>) -> Result<HistoryReader, StoreError> {
-        let connection = open_connection(path.as_ref())?;
+        let connection = open_history(path.as_ref())?;
         Ok(HistoryReader { connection })
     }
 
@@ -288,7 +289,8 @@ impl HistoryReader {
             .optional()?;
         let Some((seq, position)) = found else { return Ok(None) };
         let receipts: Vec<u8> =
-            self.connection.query_row("SELECT receipts FROM journal WHERE seq = ?1", params![seq], |row| row.get(0))?;
+            self.connection
+                .query_row("SELECT receipts FROM ledger.journal WHERE seq = ?1", params![seq], |row| row.get(0))?;
         let mut receipts = codec::decode_receipts(&receipts, seq as u64)?;
         let position = position as usize;
         Ok((position < receipts.len()).then(|| receipts.swap_remove(position)))
@@ -307,9 +309,11 @@ impl HistoryReader {
         let Some((seq, _, _, _, legs)) = row else { return Ok(None) };
         let seq = seq as u64;
         // The whole operation, kind and currency included, comes from the journal record.
-        let receipts: Vec<u8> =
-            self.connection
-                .query_row("SELECT receipts FROM journal WHERE seq = ?1", params![seq as i64], |row| row.get(0))?;
+        let receipts: Vec<u8> = self.connection.query_row(
+            "SELECT receipts FROM ledger.journal WHERE seq = ?1",
+            params![seq as i64],
+            |row| row.get(0),
+        )?;
         let receipts = codec::decode_receipts(&receipts, seq)?;
         let found =
             receipts.iter().flat_map(|receipt| receipt.operations()).find(|operation| operation.id == id).cloned();

@@ -7,8 +7,7 @@ use std::path::{Path, PathBuf};
 use tally_ledger::{Command, Receipt, Settings, State, Timestamp};
 
 /// Schema migrations, applied in order; the index is the schema version.
-const MIGRATIONS: &[&str] = &[
-    "CREATE TABLE journal (
+const MIGRATIONS: &[&str] = &["CREATE TABLE journal (
         seq INTEGER PRIMARY KEY,
         at INTEGER NOT NULL,
         format INTEGER NOT NULL,
@@ -21,7 +20,21 @@ const MIGRATIONS: &[&str] = &[
         format INTEGER NOT NULL,
         state BLOB NOT NULL
     );
-    CREATE TABLE projection (
+    CREATE TABLE api_keys (
+        id INTEGER PRIMARY KEY,
+        prefix TEXT NOT NULL,
+        hash BLOB NOT NULL UNIQUE,
+        organization INTEGER,
+        scopes TEXT NOT NULL,
+        name TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        expires_at INTEGER,
+        revoked_at INTEGER
+    );"];
+
+/// Migrations of the history database, a file of its own beside the ledger's, so the
+/// projector's writes never wait for (or hold up) the committer's.
+pub(crate) const HISTORY_MIGRATIONS: &[&str] = &["CREATE TABLE projection (
         id INTEGER PRIMARY KEY CHECK (id = 1),
         seq INTEGER NOT NULL
     );
@@ -43,24 +56,41 @@ const MIGRATIONS: &[&str] = &[
         balance_after TEXT NOT NULL,
         grants TEXT NOT NULL,
         PRIMARY KEY (wallet_id, operation_id)
-    ) WITHOUT ROWID;",
-    "CREATE TABLE idempotency_index (
+    ) WITHOUT ROWID;
+    CREATE TABLE idempotency_index (
         key BLOB PRIMARY KEY,
         seq INTEGER NOT NULL,
         position INTEGER NOT NULL
-    ) WITHOUT ROWID;
-    CREATE TABLE api_keys (
-        id INTEGER PRIMARY KEY,
-        prefix TEXT NOT NULL,
-        hash BLOB NOT NULL UNIQUE,
-        organization INTEGER,
-        scopes TEXT NOT NULL,
-        name TEXT NOT NULL,
-        created_at INTEGER NOT NULL,
-        expires_at INTEGER,
-        revoked_at INTEGER
-    );",
-];
+    ) WITHOUT ROWID;"];
+
+/// The history database's file: `tally.db` keeps its history in `tally.history.db`.
+pub fn history_path(path: &Path) -> PathBuf {
+    path.with_extension("history.db")
+}
+
+/// Applies `migrations` in order, recording the version in `user_version`.
+pub(crate) fn migrate(connection: &mut Connection, migrations: &[&str]) -> Result<(), StoreError> {
+    let version: i64 = connection.pragma_query_value(None, "user_version", |row| row.get(0))?;
+    let known = migrations.len() as i64;
+    if version > known {
+        return Err(StoreError::NewerFormat { found: version as u32, supported: known as u32 });
+    }
+    for (index, migration) in migrations.iter().enumerate().skip(version as usize) {
+        let transaction = connection.transaction()?;
+        transaction.execute_batch(migration)?;
+        transaction.pragma_update(None, "user_version", index as i64 + 1)?;
+        transaction.commit()?;
+    }
+    Ok(())
+}
+
+/// Opens the history database with the ledger database attached read-only as `ledger`.
+pub(crate) fn open_history(path: &Path) -> Result<Connection, StoreError> {
+    let mut connection = open_connection(&history_path(path))?;
+    migrate(&mut connection, HISTORY_MIGRATIONS)?;
+    connection.execute("ATTACH DATABASE ?1 AS ledger", rusqlite::params![path.to_string_lossy()])?;
+    Ok(connection)
+}
 
 /// How many old snapshots to keep besides the newest, in case the newest is unreadable.
 const SNAPSHOTS_KEPT: i64 = 2;
@@ -85,17 +115,7 @@ impl SqliteStore {
     pub fn open(path: impl AsRef<Path>) -> Result<SqliteStore, StoreError> {
         let path = path.as_ref().to_path_buf();
         let mut connection = open_connection(&path)?;
-        let version: i64 = connection.pragma_query_value(None, "user_version", |row| row.get(0))?;
-        let known = MIGRATIONS.len() as i64;
-        if version > known {
-            return Err(StoreError::NewerFormat { found: version as u32, supported: known as u32 });
-        }
-        for (index, migration) in MIGRATIONS.iter().enumerate().skip(version as usize) {
-            let transaction = connection.transaction()?;
-            transaction.execute_batch(migration)?;
-            transaction.pragma_update(None, "user_version", index as i64 + 1)?;
-            transaction.commit()?;
-        }
+        migrate(&mut connection, MIGRATIONS)?;
         Ok(SqliteStore { path, connection })
     }
 
