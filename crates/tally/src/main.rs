@@ -1,6 +1,7 @@
 //! The `tally` binary: run the service, benchmark the engine, check a database.
 
 mod bench;
+mod client;
 mod crash_worker;
 
 use anyhow::{bail, Context};
@@ -31,6 +32,13 @@ enum Commands {
     /// Platform administration on a database, offline or beside a running server.
     #[command(subcommand)]
     Admin(AdminCommand),
+    /// Call a running server's API (key in TALLY_API_KEY, URL in TALLY_URL).
+    Api {
+        #[command(flatten)]
+        args: client::ClientArgs,
+        #[command(subcommand)]
+        command: client::ClientCommand,
+    },
     /// A load-generating worker for the crash test (not for operators).
     #[command(hide = true)]
     CrashWorker(crash_worker::CrashWorkerArgs),
@@ -108,6 +116,7 @@ fn main() -> anyhow::Result<()> {
         Commands::Bench(args) => bench::run(args),
         Commands::Check { database } => check(database),
         Commands::CrashWorker(args) => crash_worker::run(args),
+        Commands::Api { args, command } => client::run(args, command),
         Commands::Admin(AdminCommand::CreateKey { database, organization, name, read_only }) => {
             create_key(database, organization, name, read_only)
         }

@@ -1,0 +1,188 @@
+//! The API client subcommands: `tally orgs`, `tally wallets`, `tally adjust`, holds,
+//! transfers and movements, over HTTP with a key from the environment.
+
+use anyhow::Context;
+use rand::RngCore;
+use serde_json::{json, Value};
+
+#[derive(clap::Args)]
+pub struct ClientArgs {
+    /// The server's base URL.
+    #[arg(long, env = "TALLY_URL", default_value = "http://127.0.0.1:8080", global = true)]
+    url: String,
+    /// The API key (tly_...).
+    #[arg(long, env = "TALLY_API_KEY", hide_env_values = true, global = true)]
+    key: Option<String>,
+    /// Print the JSON answer instead of a table.
+    #[arg(long, global = true)]
+    json: bool,
+    /// The Idempotency-Key for money-moving commands (a random one by default).
+    #[arg(long, global = true)]
+    idempotency_key: Option<String>,
+}
+
+#[derive(clap::Subcommand)]
+pub enum ClientCommand {
+    /// Create an organization (admin key).
+    OrgCreate {
+        name: String,
+        #[arg(long)]
+        merchant: bool,
+    },
+    /// List organizations (admin key).
+    Orgs,
+    /// Get or create an organization's wallet in a currency.
+    WalletCreate {
+        organization: String,
+        #[arg(long)]
+        currency: String,
+    },
+    /// Show a wallet: balance, held, available, grants.
+    Wallet { wallet: String },
+    /// Credit or debit a wallet (admin key).
+    Adjust {
+        wallet: String,
+        /// credit or debit
+        direction: String,
+        amount: String,
+        #[arg(long)]
+        currency: String,
+        #[arg(long)]
+        reason: String,
+    },
+    /// Place a hold.
+    Hold {
+        wallet: String,
+        amount: String,
+        #[arg(long)]
+        currency: String,
+        #[arg(long, default_value_t = 300)]
+        ttl_seconds: i64,
+    },
+    /// Capture a hold into a wallet, all or part.
+    Capture {
+        hold: String,
+        #[arg(long)]
+        to: String,
+        #[arg(long)]
+        amount: Option<String>,
+    },
+    /// Release a hold.
+    Release { hold: String },
+    /// Transfer between wallets.
+    Transfer {
+        from: String,
+        to: String,
+        amount: String,
+        #[arg(long)]
+        currency: String,
+    },
+    /// A wallet's movements, newest first.
+    Movements {
+        wallet: String,
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+    },
+}
+
+pub fn run(args: ClientArgs, command: ClientCommand) -> anyhow::Result<()> {
+    let key = args.key.clone().context("set TALLY_API_KEY (or --key) to an API key")?;
+    let idempotency = args.idempotency_key.clone().unwrap_or_else(|| {
+        let mut bytes = [0u8; 16];
+        rand::rngs::OsRng.fill_bytes(&mut bytes);
+        format!("cli-{}", bytes.iter().map(|b| format!("{b:02x}")).collect::<String>())
+    });
+    let (method, path, body, moves_money) = match command {
+        ClientCommand::OrgCreate { name, merchant } => (
+            "POST",
+            "/v1/organizations".to_string(),
+            Some(json!({"name": name, "roles": {"merchant": merchant, "consumer": !merchant}})),
+            false,
+        ),
+        ClientCommand::Orgs => ("GET", "/v1/organizations".to_string(), None, false),
+        ClientCommand::WalletCreate { organization, currency } => {
+            ("POST", format!("/v1/organizations/{organization}/wallets"), Some(json!({"currency": currency})), false)
+        }
+        ClientCommand::Wallet { wallet } => ("GET", format!("/v1/wallets/{wallet}"), None, false),
+        ClientCommand::Adjust { wallet, direction, amount, currency, reason } => (
+            "POST",
+            format!("/v1/wallets/{wallet}/adjustments"),
+            Some(json!({"direction": direction, "amount": amount, "currency": currency, "reason": reason})),
+            true,
+        ),
+        ClientCommand::Hold { wallet, amount, currency, ttl_seconds } => (
+            "POST",
+            format!("/v1/wallets/{wallet}/holds"),
+            Some(json!({"amount": amount, "currency": currency, "ttl_seconds": ttl_seconds})),
+            true,
+        ),
+        ClientCommand::Capture { hold, to, amount } => {
+            let mut body = json!({"to_wallet": to});
+            if let Some(amount) = amount {
+                body["amount"] = amount.into();
+            }
+            ("POST", format!("/v1/holds/{hold}/capture"), Some(body), true)
+        }
+        ClientCommand::Release { hold } => ("POST", format!("/v1/holds/{hold}/release"), Some(json!({})), true),
+        ClientCommand::Transfer { from, to, amount, currency } => (
+            "POST",
+            "/v1/transfers".to_string(),
+            Some(json!({"from_wallet": from, "to_wallet": to, "amount": amount, "currency": currency})),
+            true,
+        ),
+        ClientCommand::Movements { wallet, limit } => {
+            ("GET", format!("/v1/wallets/{wallet}/movements?limit={limit}"), None, false)
+        }
+    };
+    let client = reqwest::blocking::Client::new();
+    let mut request =
+        client.request(method.parse()?, format!("{}{}", args.url.trim_end_matches('/'), path)).bearer_auth(key);
+    if moves_money {
+        request = request.header("Idempotency-Key", &idempotency);
+    }
+    if let Some(body) = body {
+        request = request.json(&body);
+    }
+    let response = request.send().with_context(|| format!("calling {}", args.url))?;
+    let status = response.status();
+    let answer: Value = response.json().unwrap_or(Value::Null);
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&answer)?);
+    } else {
+        print_table(&answer);
+    }
+    if !status.is_success() {
+        // The answer above already says what went wrong; exit non-zero for scripts.
+        eprintln!("error: {} {}", status.as_u16(), answer["code"].as_str().unwrap_or("error"));
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
+fn cell(value: &Value) -> String {
+    match value {
+        Value::String(text) => text.clone(),
+        Value::Null => "-".into(),
+        Value::Array(items) => format!("[{}]", items.len()),
+        other => other.to_string(),
+    }
+}
+
+/// Lists print one row per item; objects print one field per line.
+fn print_table(answer: &Value) {
+    if let Some(items) = answer["data"].as_array() {
+        let Some(first) = items.first().and_then(Value::as_object) else {
+            println!("(none)");
+            return;
+        };
+        let columns: Vec<&String> = first.keys().filter(|k| *k != "object").collect();
+        println!("{}", columns.iter().map(|c| c.as_str()).collect::<Vec<_>>().join("\t"));
+        for item in items {
+            println!("{}", columns.iter().map(|c| cell(&item[c.as_str()])).collect::<Vec<_>>().join("\t"));
+        }
+    } else if let Some(object) = answer.as_object() {
+        for (field, value) in object {
+            println!("{field:<16} {}", cell(value));
+        }
+    }
+}
