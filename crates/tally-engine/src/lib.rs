@@ -182,7 +182,7 @@ impl Engine {
         config: EngineConfig,
         on_commit: Option<OnCommit>,
     ) -> Result<Engine, StoreError> {
-        let loaded = store.load(config.settings)?;
+        let loaded = store.load()?;
         tracing::info!(
             seq = loaded.seq,
             replayed_batches = loaded.replayed_batches,
@@ -214,7 +214,7 @@ impl Engine {
             let (stats, failed) = (stats.clone(), failed.clone());
             std::thread::Builder::new()
                 .name("tally-committer".into())
-                .spawn(move || run_committer(store, commit_queue, stats, failed, on_commit, config.settings))
+                .spawn(move || run_committer(store, commit_queue, stats, failed, on_commit))
                 .expect("spawn committer thread")
         };
         let writer = {
@@ -362,9 +362,10 @@ impl Writer {
                 Ok(receipt) => {
                     let changed = match &receipt {
                         Receipt::Replayed(_) => false,
-                        Receipt::Expired { holds, operations, keys_pruned } => {
-                            !holds.is_empty() || !operations.is_empty() || *keys_pruned > 0
-                        }
+                        // A tick runs only when something is due, and it may change state
+                        // without moving money (a grant turning expired), so every tick is
+                        // journaled: replay must see it.
+                        Receipt::Expired { .. } => true,
                         _ => true,
                     };
                     (changed.then_some(command), Ok(Answer::Receipt(receipt)))
@@ -448,7 +449,6 @@ fn run_committer<S: Store>(
     stats: Arc<EngineStats>,
     failed: Arc<AtomicBool>,
     on_commit: Option<OnCommit>,
-    settings: Settings,
 ) {
     let mut last_commit = Instant::now();
     let mut deferred: Option<CommitMessage> = None;
@@ -496,7 +496,7 @@ fn run_committer<S: Store>(
                 let mut attempt = 0;
                 let loaded = loop {
                     attempt += 1;
-                    match store.load(settings) {
+                    match store.load() {
                         Ok(loaded) => break Ok(loaded),
                         Err(error) if attempt >= RELOAD_ATTEMPTS_MAX => break Err(error),
                         Err(error) => {

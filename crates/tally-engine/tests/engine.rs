@@ -75,8 +75,8 @@ struct FlakyStore {
 }
 
 impl Store for FlakyStore {
-    fn load(&mut self, settings: Settings) -> Result<Loaded, StoreError> {
-        self.inner.load(settings)
+    fn load(&mut self) -> Result<Loaded, StoreError> {
+        self.inner.load()
     }
     fn commit(&mut self, batches: &[JournalBatch<'_>]) -> Result<(), StoreError> {
         if self.failing.load(Ordering::SeqCst) {
@@ -153,8 +153,8 @@ struct GatedStore {
 }
 
 impl Store for GatedStore {
-    fn load(&mut self, settings: Settings) -> Result<Loaded, StoreError> {
-        self.inner.load(settings)
+    fn load(&mut self) -> Result<Loaded, StoreError> {
+        self.inner.load()
     }
     fn commit(&mut self, batches: &[JournalBatch<'_>]) -> Result<(), StoreError> {
         let _open = self.gate.lock().unwrap();
@@ -197,4 +197,78 @@ fn a_full_queue_answers_busy_instead_of_growing() {
     assert_eq!(accepted.len() + busy, 100);
     assert!(accepted.iter().all(|ok| *ok));
     assert_eq!(balance(&handle, 1), format!("{}.00", accepted.len()));
+}
+
+#[test]
+fn a_grant_expiring_under_a_hold_is_still_expired_after_a_crash_restart() {
+    let directory = tempfile::tempdir().unwrap();
+    let path = directory.path().join("t.db");
+    let clock = Arc::new(ManualClock::new(START));
+    let config = EngineConfig { snapshot_on_shutdown: false, ..EngineConfig::default() };
+    let engine = Engine::start(SqliteStore::open(&path).unwrap(), clock.clone(), config.clone(), None).unwrap();
+    let handle = engine.handle();
+    setup(&handle, 1);
+    let grant = Command::Move {
+        key: IdempotencyKey::new("t", "grant").unwrap(),
+        action: MoneyAction::Credit {
+            wallet: WalletId(1),
+            amount: Money::parse("3.00", "USD").unwrap(),
+            kind: CreditKind::Adjustment,
+            source: AdjustmentSource::Promotions,
+            grant: Some(GrantSpec {
+                category: GrantCategory::Promotional,
+                priority: 1,
+                expires_at: Some(START + 1_000),
+                applicability: None,
+            }),
+            reason: String::new(),
+        },
+    };
+    handle.execute(grant).unwrap();
+    let hold = Command::Move {
+        key: IdempotencyKey::new("t", "hold").unwrap(),
+        action: MoneyAction::PlaceHold {
+            wallet: WalletId(1),
+            amount: Money::parse("3.00", "USD").unwrap(),
+            ttl_ms: 600_000,
+            exclusive: false,
+            payee: None,
+            product: None,
+            description: String::new(),
+        },
+    };
+    handle.execute(hold).unwrap();
+    clock.advance(2_000);
+    let status = |h: &Handle| h.read(|s| s.grant(GrantId(1)).unwrap().status).unwrap();
+    for _ in 0..100 {
+        if status(&handle) == GrantStatus::Expired {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(status(&handle), GrantStatus::Expired);
+    engine.shutdown();
+    // No snapshot was written: the restart replays the journal, ticks included.
+    let engine = Engine::start(SqliteStore::open(&path).unwrap(), clock, config, None).unwrap();
+    assert_eq!(status(&engine.handle()), GrantStatus::Expired, "replay lost the tick that expired the grant");
+}
+
+#[test]
+fn settings_are_journaled_so_a_replay_from_nothing_matches() {
+    let directory = tempfile::tempdir().unwrap();
+    let path = directory.path().join("t.db");
+    let config = EngineConfig {
+        settings: Settings { idempotency_retention_ms: 48 * 3_600_000 },
+        snapshot_on_shutdown: true,
+        ..EngineConfig::default()
+    };
+    let engine =
+        Engine::start(SqliteStore::open(&path).unwrap(), Arc::new(ManualClock::new(START)), config, None).unwrap();
+    let handle = engine.handle();
+    setup(&handle, 1);
+    handle.execute(credit(1, "1.00", "k")).unwrap();
+    assert_eq!(handle.read(|s| s.settings.idempotency_retention_ms).unwrap(), 48 * 3_600_000);
+    engine.shutdown();
+    let report = tally_store::deep_check(&mut SqliteStore::open(&path).unwrap(), |_, _| {}).unwrap();
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
 }

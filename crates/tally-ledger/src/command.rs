@@ -294,6 +294,15 @@ pub enum Command {
         wallet: WalletId,
         threshold: Option<Amount>,
     },
+    /// A money-moving request made by an organization for itself: applied only if the
+    /// wallet, hold or grant it takes money from is the organization's own. Checked by
+    /// the writer, so no race between a check and the change can open another
+    /// organization's wallet.
+    MoveAs {
+        actor: OrganizationId,
+        key: IdempotencyKey,
+        action: MoneyAction,
+    },
     Move {
         key: IdempotencyKey,
         action: MoneyAction,

@@ -203,6 +203,8 @@ pub struct State {
     pub idempotency_previous: KeyTable,
     pub idempotency_generation_started_at: Timestamp,
     pub hold_expiry: BTreeSet<(Timestamp, HoldId)>,
+    /// Active holds by wallet, for listing one wallet's holds without a scan.
+    pub holds_by_wallet: BTreeSet<(WalletId, HoldId)>,
     /// Grants to sweep at a time: active grants at their expiry, and expired or voided
     /// grants whose released reservations must be swept now.
     pub grant_sweeps: BTreeSet<(Timestamp, GrantId)>,
@@ -357,6 +359,14 @@ impl State {
         self.holds.get(&id)
     }
 
+    /// A wallet's active holds, oldest first, at most `limit`.
+    pub fn holds_of(&self, wallet: WalletId, limit: usize) -> impl Iterator<Item = &Hold> {
+        self.holds_by_wallet
+            .range((wallet, HoldId(0))..=(wallet, HoldId(u64::MAX)))
+            .take(limit)
+            .filter_map(|(_, id)| self.holds.get(id))
+    }
+
     pub fn wallet_for(&self, organization: OrganizationId, currency: Currency) -> Option<WalletId> {
         let found = self.organization(organization)?.wallets.iter().find(|(c, _)| *c == currency);
         found.map(|(_, wallet)| *wallet)
@@ -467,20 +477,8 @@ impl State {
                 self.wallet_mut(*wallet).low_balance_threshold = *threshold;
                 Ok(Receipt::WalletUpdated(*wallet))
             }
-            Command::Move { key, action } => {
-                let fingerprint = fingerprint(action);
-                let known = self.idempotency.get(key.0).or_else(|| self.idempotency_previous.get(key.0));
-                if let Some(record) = known {
-                    return if record.fingerprint == fingerprint {
-                        Ok(Receipt::Replayed(record.reference()))
-                    } else {
-                        Err(Rejection::IdempotencyKeyMismatch)
-                    };
-                }
-                let receipt = self.apply_action(action, now)?;
-                self.idempotency.insert_new(key.0, IdempotencyRecord::new(fingerprint, receipt.reference()));
-                Ok(receipt)
-            }
+            Command::Move { key, action } => self.apply_move(*key, action, None, now),
+            Command::MoveAs { actor, key, action } => self.apply_move(*key, action, Some(*actor), now),
             Command::Configure { settings } => {
                 if settings.idempotency_retention_ms < IDEMPOTENCY_RETENTION_MIN_MS {
                     return Err(Rejection::InvalidSetting);
@@ -489,6 +487,59 @@ impl State {
                 Ok(Receipt::Configured)
             }
             Command::Tick => Ok(self.tick(now)),
+        }
+    }
+
+    fn apply_move(
+        &mut self,
+        key: IdempotencyKey,
+        action: &MoneyAction,
+        actor: Option<OrganizationId>,
+        now: Timestamp,
+    ) -> Result<Receipt, Rejection> {
+        let fingerprint = fingerprint(action);
+        let known = self.idempotency.get(key.0).or_else(|| self.idempotency_previous.get(key.0));
+        if let Some(record) = known {
+            return if record.fingerprint == fingerprint {
+                Ok(Receipt::Replayed(record.reference()))
+            } else {
+                Err(Rejection::IdempotencyKeyMismatch)
+            };
+        }
+        if let Some(actor) = actor {
+            self.check_actor(actor, action)?;
+        }
+        let receipt = self.apply_action(action, now)?;
+        self.idempotency.insert_new(key.0, IdempotencyRecord::new(fingerprint, receipt.reference()));
+        Ok(receipt)
+    }
+
+    /// An organization acting for itself may only take money from its own wallets and
+    /// holds; anything else looks, to it, as if it did not exist.
+    fn check_actor(&self, actor: OrganizationId, action: &MoneyAction) -> Result<(), Rejection> {
+        let owns_wallet = |wallet: WalletId| self.wallet(wallet).is_some_and(|w| w.organization == actor);
+        let owns_hold = |hold: HoldId| self.hold(hold).is_some_and(|h| owns_wallet(h.wallet));
+        let allowed = match action {
+            MoneyAction::Transfer { from, .. } => owns_wallet(*from),
+            MoneyAction::PlaceHold { wallet, .. } => owns_wallet(*wallet),
+            MoneyAction::CaptureHold { hold, .. } | MoneyAction::ReleaseHold { hold } => {
+                if !owns_hold(*hold) {
+                    return Err(Rejection::HoldNotFound);
+                }
+                true
+            }
+            MoneyAction::Credit { wallet, .. } | MoneyAction::Debit { wallet, .. } => owns_wallet(*wallet),
+            MoneyAction::VoidGrant { grant, .. } => {
+                if !self.grant(*grant).is_some_and(|g| owns_wallet(g.wallet)) {
+                    return Err(Rejection::GrantNotFound);
+                }
+                true
+            }
+        };
+        if allowed {
+            Ok(())
+        } else {
+            Err(Rejection::WalletNotFound)
         }
     }
 
@@ -678,7 +729,7 @@ impl State {
                 let payee = self.open_wallet(*to, amount.currency)?;
                 let fee_units = Self::fee_of(amount.amount, *fee)?;
                 let net = units - fee_units;
-                add(payee.main, net)?;
+                add(add(payee.main, payee.granted)?, net)?;
                 self.system_fits(SystemAccount::PlatformRevenue, amount.currency, fee_units)?;
                 let plan = self.plan_spend(payer, units, Some(payee.organization), *product, false, now)?;
                 let portions = self.spend(*from, &plan, false);
@@ -744,6 +795,7 @@ impl State {
                     },
                 );
                 self.hold_expiry.insert((expires_at, id));
+                self.holds_by_wallet.insert((*wallet, id));
                 Ok(Receipt::HoldPlaced { hold: id, expires_at })
             }
             MoneyAction::CaptureHold { hold, amount, to, fee } => {
@@ -766,7 +818,7 @@ impl State {
                 self.debitable_wallet(held.wallet, currency)?;
                 let payee = self.open_wallet(*to, currency)?;
                 let fee_units = Self::fee_of(Amount::from_units(capture), *fee)?;
-                add(payee.main, capture - fee_units)?;
+                add(add(payee.main, payee.granted)?, capture - fee_units)?;
                 self.system_fits(SystemAccount::PlatformRevenue, currency, fee_units)?;
                 // Checks are done; from here on nothing fails.
                 let held = self.holds.remove(hold).expect("hold checked above");
@@ -926,6 +978,7 @@ impl State {
 
     fn close_hold(&mut self, hold: &Hold) {
         self.hold_expiry.remove(&(hold.expires_at, hold.id));
+        self.holds_by_wallet.remove(&(hold.wallet, hold.id));
         let w = self.wallet_mut(hold.wallet);
         w.held -= hold.amount;
         w.active_holds -= 1;
@@ -970,7 +1023,7 @@ impl State {
     /// applies a batch it can fetch the next commands' wallets and keys while it works
     /// on the current one. Changes nothing.
     pub fn prefetch(&self, command: &Command) {
-        let Command::Move { key, action } = command else { return };
+        let (Command::Move { key, action } | Command::MoveAs { key, action, .. }) = command else { return };
         self.idempotency.prefetch(key.0);
         // Only addresses are computed here: reading the wallet itself would wait for
         // the very memory the prefetch is meant to hide.
@@ -982,7 +1035,7 @@ impl State {
     /// The second prefetch stage, a few commands later than [`State::prefetch`]: the
     /// wallets are in cache by then, so their first grant can be looked up and fetched.
     pub fn prefetch_dependent(&self, command: &Command) {
-        let Command::Move { action, .. } = command else { return };
+        let (Command::Move { action, .. } | Command::MoveAs { action, .. }) = command else { return };
         for wallet in self.wallets_touched(action).into_iter().flatten() {
             if let Some(grant) = wallet.grants.first() {
                 if let Some(grant) = self.grants.get((grant.0 as usize).wrapping_sub(1)) {

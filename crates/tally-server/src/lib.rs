@@ -29,6 +29,8 @@ use tally_store::{HistoryReader, MovementFilter, Projector};
 
 /// Largest request body: every request here is a few hundred bytes.
 pub const BODY_BYTES_MAX: usize = 64 * 1024;
+/// Most active holds one listing returns.
+const HOLDS_LISTED_MAX: usize = 1_000;
 /// Default and largest page of a list.
 pub const PAGE_SIZE_DEFAULT: u32 = 50;
 /// How long a replayed request waits for history to catch up with its first answer.
@@ -97,11 +99,10 @@ impl AppState {
         .map_err(|_| ApiError::new("internal", "history task failed"))?
     }
 
-    /// A wallet's owner and currency, which never change: answered without waiting
-    /// for commits in flight.
+    /// A wallet's owner and currency, as of every durable write before the request.
     async fn wallet_meta(&self, wallet: WalletId) -> Result<Option<(OrganizationId, Currency)>, ApiError> {
         let (sender, receiver) = tokio::sync::oneshot::channel();
-        let request = EngineRequest::ReadImmutable(Box::new(move |state| {
+        let request = EngineRequest::Read(Box::new(move |state| {
             Box::new(state.wallet(wallet).map(|w| (w.organization, w.currency))) as Box<dyn std::any::Any + Send>
         }));
         self.handle.submit(request, Box::new(move |outcome| drop(sender.send(outcome))))?;
@@ -224,6 +225,27 @@ fn positive_money(field: &str, amount: &str, currency_code: &str) -> Result<Mone
     Ok(value)
 }
 
+fn amount(field: &str, text: &str) -> Result<Amount, ApiError> {
+    let value = Amount::parse(text).map_err(|error| ApiError::field("invalid_amount", field, error.to_string()))?;
+    if !value.is_positive() {
+        return Err(ApiError::field("amount_must_be_positive", field, "amounts must be positive"));
+    }
+    Ok(value)
+}
+
+/// The platform's fee on a transfer or capture: only the platform (an admin key) sets it.
+fn platform_fee(caller: &Caller, fee_amount: Option<&str>) -> Result<Fee, ApiError> {
+    match fee_amount {
+        None => Ok(Fee::None),
+        Some(_) if !caller.is_admin() => Err(ApiError::field("forbidden", "fee_amount", "only the platform sets fees")),
+        Some(text) => {
+            let fee = Amount::parse(text)
+                .map_err(|error| ApiError::field("invalid_amount", "fee_amount", error.to_string()))?;
+            Ok(Fee::Fixed(fee))
+        }
+    }
+}
+
 fn parse_id<T>(field: &str, text: &str, parse: fn(&str) -> Option<T>) -> Result<T, ApiError> {
     parse(text).ok_or_else(|| ApiError::field("not_found", field, format!("no such {field}")))
 }
@@ -285,7 +307,15 @@ async fn run_money(app: &Arc<AppState>, caller: &Caller, headers: &HeaderMap, ac
         }
     }
     let _release = Release(app, key.0);
-    let receipt = app.execute(Command::Move { key, action: action.clone() }).await?;
+    // An organization's request names itself as the actor: the writer checks, in the
+    // same step that applies it, that the money it takes is the organization's own.
+    let command = match caller {
+        Caller::Admin { .. } => Command::Move { key, action: action.clone() },
+        Caller::Organization { organization, .. } => {
+            Command::MoveAs { actor: *organization, key, action: action.clone() }
+        }
+    };
+    let receipt = app.execute(command).await?;
     let (replayed, receipt) = match receipt {
         Receipt::Replayed(_) => {
             let original = app.history(move |reader| reader.receipt_for_key(key)).await?;
@@ -714,7 +744,7 @@ async fn place_hold(
     ApiJson(body): ApiJson<PlaceHold>,
 ) -> ApiResult {
     let caller = caller(&app, &headers)?;
-    let (wallet, _, _, _) = owned_wallet(&app, &caller, &id).await?;
+    let wallet = parse_id("wallet", &id, WalletId::parse)?;
     let amount = positive_money("amount", &body.amount, &body.currency)?;
     let payee = match body.payee_wallet.as_deref() {
         Some(text) => Some(parse_id("payee_wallet", text, WalletId::parse)?),
@@ -732,9 +762,7 @@ async fn list_holds(AxumState(app): App, headers: HeaderMap, Path(id): Path<Stri
     let (wallet, _, _, currency) = owned_wallet(&app, &caller, &id).await?;
     let holds = app
         .read(move |state| {
-            let mut holds: Vec<&Hold> = state.holds.values().filter(|h| h.wallet == wallet).take(1_000).collect();
-            holds.sort_by_key(|h| h.id);
-            holds.into_iter().map(|h| views::hold(h, currency)).collect::<Vec<_>>()
+            state.holds_of(wallet, HOLDS_LISTED_MAX).map(|h| views::hold(h, currency)).collect::<Vec<_>>()
         })
         .await?;
     Ok(ok(json!({"object": "list", "data": holds})))
@@ -776,23 +804,21 @@ async fn capture_hold(
     ApiJson(body): ApiJson<CaptureHold>,
 ) -> ApiResult {
     let caller = caller(&app, &headers)?;
-    let (hold, view) = owned_hold(&app, &caller, &id).await?;
-    let currency_code = view["currency"].as_str().unwrap_or_default().to_string();
+    // No lookup first: the writer checks ownership, and a retry of a capture that
+    // already happened must reach the idempotent replay, not a 404.
+    let hold = parse_id("hold", &id, HoldId::parse)?;
     let amount = match body.amount.as_deref() {
-        Some(text) => Some(positive_money("amount", text, &currency_code)?.amount),
+        Some(text) => Some(amount("amount", text)?),
         None => None,
     };
-    let fee = match body.fee_amount.as_deref() {
-        Some(text) => Fee::Fixed(money("fee_amount", text, &currency_code)?.amount),
-        None => Fee::None,
-    };
+    let fee = platform_fee(&caller, body.fee_amount.as_deref())?;
     let to = parse_id("to_wallet", &body.to_wallet, WalletId::parse)?;
     run_money(&app, &caller, &headers, MoneyAction::CaptureHold { hold, amount, to, fee }).await
 }
 
 async fn release_hold(AxumState(app): App, headers: HeaderMap, Path(id): Path<String>) -> ApiResult {
     let caller = caller(&app, &headers)?;
-    let (hold, _) = owned_hold(&app, &caller, &id).await?;
+    let hold = parse_id("hold", &id, HoldId::parse)?;
     run_money(&app, &caller, &headers, MoneyAction::ReleaseHold { hold }).await
 }
 
@@ -810,14 +836,12 @@ struct Transfer {
 
 async fn transfer(AxumState(app): App, headers: HeaderMap, ApiJson(body): ApiJson<Transfer>) -> ApiResult {
     let caller = caller(&app, &headers)?;
-    // The paying wallet must be the caller's; the receiving one may be anyone's (a merchant).
-    let (from, _, _) = owned_wallet_meta(&app, &caller, &body.from_wallet).await?;
+    // The paying wallet must be the caller's (the writer checks it); the receiving one
+    // may be anyone's, a merchant's.
+    let from = parse_id("from_wallet", &body.from_wallet, WalletId::parse)?;
     let to = parse_id("to_wallet", &body.to_wallet, WalletId::parse)?;
     let amount = positive_money("amount", &body.amount, &body.currency)?;
-    let fee = match body.fee_amount.as_deref() {
-        Some(text) => Fee::Fixed(money("fee_amount", text, &body.currency)?.amount),
-        None => Fee::None,
-    };
+    let fee = platform_fee(&caller, body.fee_amount.as_deref())?;
     let description = text("description", &body.description, true)?;
     let action =
         MoneyAction::Transfer { from, to, amount, fee, kind: TransferKind::Transfer, product: None, description };

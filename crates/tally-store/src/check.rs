@@ -35,7 +35,7 @@ impl CheckReport {
 pub fn deep_check(store: &mut SqliteStore, mut progress: impl FnMut(u64, u64)) -> Result<CheckReport, StoreError> {
     let mut report = CheckReport::default();
     let total = store.last_seq()?;
-    let loaded = match store.load_with(Settings::default(), false) {
+    let loaded = match store.load_with(false) {
         Ok(loaded) => loaded,
         Err(StoreError::Invariants(problems)) => {
             report.problems = problems;
@@ -107,7 +107,7 @@ pub fn deep_check(store: &mut SqliteStore, mut progress: impl FnMut(u64, u64)) -
 
 fn describe(command: &Command) -> String {
     match command {
-        Command::Move { key, .. } => format!("the command with {key:?}"),
+        Command::Move { key, .. } | Command::MoveAs { key, .. } => format!("the command with {key:?}"),
         other => format!("{:?}", std::mem::discriminant(other)),
     }
 }

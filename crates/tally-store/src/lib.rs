@@ -15,7 +15,7 @@ pub use codec::{decode_commands, decode_receipts, FORMAT_VERSION};
 pub use projector::{HistoryReader, Movement, MovementFilter, Projector, PAGE_SIZE_MAX};
 pub use sqlite::{encode_snapshot, history_path, SqliteStore};
 
-use tally_ledger::{Command, Receipt, Settings, State, Timestamp};
+use tally_ledger::{Command, Receipt, State, Timestamp};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -52,7 +52,7 @@ pub struct Loaded {
 /// What the engine needs from durable storage.
 pub trait Store: Send + 'static {
     /// Loads the latest snapshot and replays the journal after it.
-    fn load(&mut self, settings: Settings) -> Result<Loaded, StoreError>;
+    fn load(&mut self) -> Result<Loaded, StoreError>;
     /// Makes batches durable, all in one transaction, or fails having written nothing.
     fn commit(&mut self, batches: &[JournalBatch<'_>]) -> Result<(), StoreError>;
     /// Stores an encoded snapshot of the state after journal sequence `seq`.

@@ -159,7 +159,7 @@ fn project_some(connection: &mut Connection, after: u64) -> Result<Option<u64>, 
             let commands = codec::decode_commands(row.get_ref(1)?.as_blob()?, seq)?;
             let receipts = codec::decode_receipts(row.get_ref(2)?.as_blob()?, seq)?;
             for (position, command) in commands.iter().enumerate() {
-                if let Command::Move { key, .. } = command {
+                if let Command::Move { key, .. } | Command::MoveAs { key, .. } = command {
                     insert_key.execute(params![&key.0.to_le_bytes()[..], seq as i64, position as i64])?;
                 }
             }

@@ -171,12 +171,14 @@ impl SqliteStore {
         }
     }
 
-    /// Loads like [`Store::load`] (`settings` apply to a new, empty ledger), starting from the snapshot or, with `from_scratch`,
+    /// Loads like [`Store::load`], starting from the snapshot or, with `from_scratch`,
     /// from an empty state and the whole journal.
-    pub fn load_with(&mut self, settings: Settings, from_scratch: bool) -> Result<Loaded, StoreError> {
+    pub fn load_with(&mut self, from_scratch: bool) -> Result<Loaded, StoreError> {
         let (mut seq, mut state) = match self.latest_snapshot()? {
             Some((seq, state)) if !from_scratch => (seq, state),
-            _ => (0, State::new(settings)),
+            // A new ledger starts with default settings; every change to them is a
+            // journaled `Configure`, so a replay decides exactly as the first run did.
+            _ => (0, State::new(Settings::default())),
         };
         let mut replayed_batches = 0;
         let mut replayed_commands = 0;
@@ -209,8 +211,8 @@ impl SqliteStore {
 }
 
 impl Store for SqliteStore {
-    fn load(&mut self, settings: Settings) -> Result<Loaded, StoreError> {
-        self.load_with(settings, false)
+    fn load(&mut self) -> Result<Loaded, StoreError> {
+        self.load_with(false)
     }
 
     fn commit(&mut self, batches: &[JournalBatch<'_>]) -> Result<(), StoreError> {

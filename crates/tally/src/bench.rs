@@ -517,7 +517,7 @@ fn run_engine(args: &BenchArgs, world: &World, workloads: &[Workload]) -> anyhow
     if restart {
         let started = Instant::now();
         let mut store = SqliteStore::open(&path)?;
-        let loaded = tally_store::Store::load(&mut store, Settings::default())?;
+        let loaded = tally_store::Store::load(&mut store)?;
         let seconds = started.elapsed().as_secs_f64();
         ensure!(loaded.state.wallets.len() as u64 == wallets, "restart lost wallets");
         Report {

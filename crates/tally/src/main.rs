@@ -176,7 +176,7 @@ fn create_key(
     };
     if let Some(id) = organization {
         let mut store = store;
-        let loaded = tally_store::Store::load(&mut store, tally_ledger::Settings::default())?;
+        let loaded = tally_store::Store::load(&mut store)?;
         if loaded.state.organization(id).is_none() {
             bail!("no organization {id}");
         }

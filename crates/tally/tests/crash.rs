@@ -8,7 +8,7 @@ use std::collections::HashSet;
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-use tally_ledger::{Command as LedgerCommand, IdempotencyKey, Settings};
+use tally_ledger::{Command as LedgerCommand, IdempotencyKey};
 use tally_store::{deep_check, SqliteStore, Store};
 
 /// Kill cycles per run; CI runs the default, `TALLY_CRASH_CYCLES` asks for more.
@@ -54,7 +54,7 @@ fn acknowledged_operations_survive_sigkill() {
 
         let started = Instant::now();
         let mut store = SqliteStore::open(&database).unwrap();
-        let loaded = store.load(Settings::default()).expect("the database loads and its invariants hold after a kill");
+        let loaded = store.load().expect("the database loads and its invariants hold after a kill");
         let mut journaled = HashSet::new();
         store
             .scan_journal(1, |_, _, commands, _| {

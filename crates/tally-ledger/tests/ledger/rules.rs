@@ -368,3 +368,31 @@ fn repeats_answer_the_first_result() {
         .apply(&Command::Move { key: IdempotencyKey::new("other", "same").unwrap(), action: credit(1, "5.00") }, START);
     assert!(matches!(other, Ok(Receipt::Posted { .. })));
 }
+
+#[test]
+fn an_organization_acting_for_itself_cannot_touch_another_organizations_money() {
+    let mut state = ledger(2);
+    run(&mut state, "fund", credit(2, "10.00")).unwrap();
+    run(&mut state, "hold", hold(2, "1.00", false)).unwrap();
+    run(&mut state, "grant", promo(2, "1.00", 1, None)).unwrap();
+    let before = state.clone();
+    let as_org_1 =
+        |name: &str, action: MoneyAction| Command::MoveAs { actor: OrganizationId(1), key: key(name), action };
+    let cases = [
+        (as_org_1("a", transfer(2, 1, "1.00")), Rejection::WalletNotFound),
+        (as_org_1("b", hold(2, "1.00", false)), Rejection::WalletNotFound),
+        (
+            as_org_1("c", MoneyAction::CaptureHold { hold: HoldId(1), amount: None, to: WalletId(1), fee: Fee::None }),
+            Rejection::HoldNotFound,
+        ),
+        (as_org_1("d", MoneyAction::ReleaseHold { hold: HoldId(1) }), Rejection::HoldNotFound),
+        (as_org_1("e", MoneyAction::VoidGrant { grant: GrantId(1), reason: String::new() }), Rejection::GrantNotFound),
+    ];
+    for (command, expected) in cases {
+        assert_eq!(state.apply(&command, START), Err(expected), "{command:?}");
+        assert_eq!(state, before);
+    }
+    // Its own wallet works, and paying into another organization's wallet is allowed.
+    run(&mut state, "fund1", credit(1, "2.00")).unwrap();
+    assert!(state.apply(&as_org_1("f", transfer(1, 2, "1.00")), START).is_ok());
+}
