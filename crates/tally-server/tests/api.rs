@@ -394,3 +394,31 @@ async fn bad_input_gets_a_clear_4xx_never_a_500() {
     assert_eq!(server.wallet(&wallet).await["held"], "0.00");
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_capture_replays_its_first_answer_and_holds_are_listed() {
+    let server = Server::start().await;
+    let (_, wallet, key) = server.organization("Consumer").await;
+    let (_, merchant, _) = server.organization("Merchant").await;
+    server.credit(&wallet, "10.00", "fund").await;
+    for n in 0..3 {
+        let body = json!({"amount": format!("{}.00", n + 1), "currency": "USD", "ttl_seconds": 60});
+        let (status, _) = server.post(&format!("/v1/wallets/{wallet}/holds"), &key, Some(&format!("h{n}")), body).await;
+        assert_eq!(status, StatusCode::CREATED);
+    }
+    let (_, listed) = server.get(&format!("/v1/wallets/{wallet}/holds"), &key).await;
+    let ids: Vec<&str> = listed["data"].as_array().unwrap().iter().map(|h| h["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, vec!["hld_1", "hld_2", "hld_3"]);
+    let capture = json!({"to_wallet": merchant});
+    let (first_status, first) = server.post("/v1/holds/hld_2/capture", &key, Some("cap"), capture.clone()).await;
+    assert_eq!(first_status, StatusCode::OK, "{first}");
+    // The hold is resolved now; the retry still gets the first answer, not a 404.
+    let (again_status, again) = server.post("/v1/holds/hld_2/capture", &key, Some("cap"), capture.clone()).await;
+    assert_eq!((again_status, &again), (first_status, &first));
+    // A new key for the same hold is refused: a hold resolves once.
+    let (status, refused) = server.post("/v1/holds/hld_2/capture", &key, Some("cap2"), capture).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{refused}");
+    assert_eq!(server.wallet(&merchant).await["balance"], "2.00");
+    assert_eq!(server.wallet(&wallet).await["held"], "4.00");
+    server.stop().await;
+}
