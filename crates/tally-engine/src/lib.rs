@@ -35,10 +35,6 @@ pub enum Request {
     Command(Command),
     /// A read answered after every write before it is durable.
     Read(ReadFn),
-    /// A read of facts that never change once made (a wallet's owner and currency),
-    /// answered at once by the writer without waiting for commits. Only for such facts:
-    /// anything that can change must use `Read`.
-    ReadImmutable(ReadFn),
 }
 
 // Receipts are moved, not boxed: one allocation less per command on the hot path.
@@ -373,12 +369,6 @@ impl Writer {
                 Err(rejection) => (None, Err(EngineError::Rejected(rejection))),
             },
             Request::Read(read) => (None, Ok(Answer::Read(read(&self.state)))),
-            Request::ReadImmutable(read) => {
-                if let Some(reply) = reply {
-                    reply(Ok(Answer::Read(read(&self.state))));
-                }
-                return;
-            }
         };
         if journaled.is_some() {
             self.since_snapshot += 1;
