@@ -3,6 +3,10 @@
 mod bench;
 mod client;
 mod crash_worker;
+mod memory;
+
+#[global_allocator]
+static ALLOCATOR: memory::HugePageHinting = memory::HugePageHinting;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
