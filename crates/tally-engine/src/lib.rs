@@ -423,6 +423,9 @@ impl Writer {
 /// synchronous writes that the disk serializes; waiting lets the next commit carry
 /// every batch applied meanwhile. Costs at most this much latency when idle.
 const COMMIT_INTERVAL_MIN: Duration = Duration::from_micros(1000);
+/// A commit slower than this is logged: it delays every request behind it.
+const SLOW_COMMIT: Duration = Duration::from_millis(20);
+
 /// Writer batches that may wait for the committer before the writer itself waits.
 const COMMIT_QUEUE_BATCHES: usize = 64;
 /// Most writer batches committed in one transaction.
@@ -538,7 +541,13 @@ fn commit_group<S: Store>(
         if journals.is_empty() {
             Ok(())
         } else {
-            store.commit(&journals).map_err(|error| error.to_string())
+            let started = Instant::now();
+            let result = store.commit(&journals).map_err(|error| error.to_string());
+            let took = started.elapsed();
+            if took > SLOW_COMMIT {
+                tracing::warn!(took_ms = took.as_millis() as u64, batches = journals.len(), "slow commit");
+            }
+            result
         }
     };
     match result {

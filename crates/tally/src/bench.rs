@@ -84,6 +84,9 @@ struct Report {
     wallets: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     state_bytes_per_wallet: Option<f64>,
+    /// Open loop: the 99th percentile of how late the load generator submitted.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    generator_late_p99_ms: Option<f64>,
     /// The same after funding: every consumer's funding key, every fourth one's grant.
     #[serde(skip_serializing_if = "Option::is_none")]
     state_bytes_per_wallet_funded: Option<f64>,
@@ -117,6 +120,9 @@ impl Report {
                 "  state memory: {bytes:.0} bytes per wallet, {funded:.0} with funding keys and grants ({} wallets)",
                 self.wallets
             );
+        }
+        if let Some(late) = self.generator_late_p99_ms {
+            println!("  load generator: p99 {late:.3}ms late submitting (counted in the latencies above)");
         }
         if let Some(seconds) = self.restart_s {
             println!(
@@ -427,6 +433,7 @@ fn run_state_machine(args: &BenchArgs, world: &World, workloads: &[Workload]) ->
             wallets,
             state_bytes_per_wallet: Some(per_wallet),
             state_bytes_per_wallet_funded: Some(per_wallet_funded),
+            generator_late_p99_ms: None,
             restart_s: None,
             restart_replayed_commands: None,
         }
@@ -536,6 +543,7 @@ fn run_engine(args: &BenchArgs, world: &World, workloads: &[Workload]) -> anyhow
             wallets,
             state_bytes_per_wallet: None,
             state_bytes_per_wallet_funded: None,
+            generator_late_p99_ms: None,
             restart_s: Some(seconds),
             restart_replayed_commands: Some(loaded.replayed_commands),
         }
@@ -621,6 +629,9 @@ fn drive(args: &BenchArgs, world: &World, handle: &Handle, workload: Workload, w
     let batches_before = handle.stats().batches.load(Ordering::Relaxed);
     let requests_before = handle.stats().requests.load(Ordering::Relaxed);
     let prefix = workload_name(workload);
+    // How late the generator itself submits each request (open loop only): when it is
+    // descheduled, requests go out late and their latency counts from their due time.
+    let mut lateness = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
     let begin = Instant::now();
     for index in 0..args.operations {
         let started = if let Some(interval) = 1_000_000_000u64.checked_div(args.rate) {
@@ -640,6 +651,7 @@ fn drive(args: &BenchArgs, world: &World, handle: &Handle, workload: Workload, w
                     std::thread::yield_now();
                 }
             }
+            lateness.saturating_record((Instant::now() - due).as_micros() as u64);
             due
         } else {
             wait_for_room(&tally, args.in_flight_max);
@@ -672,6 +684,7 @@ fn drive(args: &BenchArgs, world: &World, handle: &Handle, workload: Workload, w
         latency_p50_ms: quantile(0.5),
         latency_p99_ms: quantile(0.99),
         latency_p999_ms: quantile(0.999),
+        generator_late_p99_ms: (args.rate > 0).then(|| lateness.value_at_quantile(0.99) as f64 / 1000.0),
         batch_mean: requests as f64 / batches.max(1) as f64,
         batch_size_max: args.batch_size_max,
         offered_rate: args.rate,

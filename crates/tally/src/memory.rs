@@ -11,8 +11,28 @@ const HUGE_PAGE_BYTES: usize = 2 << 20;
 
 pub struct HugePageHinting;
 
+/// 0 unknown, 1 on, 2 off (`TALLY_HUGE_PAGES=off`). Read with getenv, which does not
+/// allocate: this runs inside the allocator.
+static ENABLED: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+fn enabled() -> bool {
+    use std::sync::atomic::Ordering;
+    match ENABLED.load(Ordering::Relaxed) {
+        1 => true,
+        2 => false,
+        _ => {
+            // SAFETY: getenv with a NUL-terminated literal; the result is only compared.
+            let value = unsafe { libc::getenv(c"TALLY_HUGE_PAGES".as_ptr()) };
+            // SAFETY: a non-null getenv result points to a NUL-terminated string.
+            let off = !value.is_null() && unsafe { std::ffi::CStr::from_ptr(value) }.to_bytes() == b"off";
+            ENABLED.store(if off { 2 } else { 1 }, Ordering::Relaxed);
+            !off
+        }
+    }
+}
+
 fn hint(pointer: *mut u8, size: usize) {
-    if pointer.is_null() || size < HUGE_PAGE_HINT_BYTES_MIN {
+    if pointer.is_null() || size < HUGE_PAGE_HINT_BYTES_MIN || !enabled() {
         return;
     }
     // Only whole 2 MiB pages inside the block can become huge pages.
