@@ -30,6 +30,23 @@ impl ApiError {
     }
 }
 
+/// The shape of every error answer, for the OpenAPI document.
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)]
+pub struct Problem {
+    /// A link to the code's documentation.
+    r#type: String,
+    /// The code again, as a title.
+    title: String,
+    status: u16,
+    /// The stable snake_case code, for example `insufficient_funds`.
+    code: String,
+    /// A human sentence.
+    detail: String,
+    /// The request field at fault, where there is one.
+    field: Option<String>,
+}
+
 /// The one table from error code to HTTP status. Every code a client can see is here.
 pub fn status_of(code: &str) -> StatusCode {
     match code {

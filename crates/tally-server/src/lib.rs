@@ -14,7 +14,7 @@ use axum::extract::rejection::JsonRejection;
 use axum::extract::{DefaultBodyLimit, FromRequest, Path, Query, Request, State as AxumState};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post, put};
+use axum::routing::get;
 use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
@@ -124,33 +124,67 @@ type ApiResult = Result<Response, ApiError>;
 
 /// The router with every endpoint. Tests and `tally serve` both use it.
 pub fn router(state: Arc<AppState>) -> Router {
-    Router::new()
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route("/v1/organizations", post(create_organization).get(list_organizations))
-        .route("/v1/organizations/{id}", get(get_organization))
-        .route("/v1/organizations/{id}/billing-details", put(update_billing))
-        .route("/v1/organizations/{id}/wallets", post(get_or_create_wallet).get(list_wallets))
-        .route("/v1/wallets/{id}", get(get_wallet))
-        .route("/v1/wallets/{id}/freeze", post(freeze_wallet))
-        .route("/v1/wallets/{id}/unfreeze", post(unfreeze_wallet))
-        .route("/v1/wallets/{id}/close", post(close_wallet))
-        .route("/v1/wallets/{id}/settings", put(wallet_settings))
-        .route("/v1/wallets/{id}/adjustments", post(adjust))
-        .route("/v1/wallets/{id}/grants", post(create_grant).get(list_grants))
-        .route("/v1/grants/{id}/void", post(void_grant))
-        .route("/v1/wallets/{id}/holds", post(place_hold).get(list_holds))
-        .route("/v1/holds/{id}", get(get_hold))
-        .route("/v1/holds/{id}/capture", post(capture_hold))
-        .route("/v1/holds/{id}/release", post(release_hold))
-        .route("/v1/transfers", post(transfer))
-        .route("/v1/wallets/{id}/movements", get(movements))
-        .route("/v1/operations/{id}", get(get_operation))
-        .route("/v1/api-keys", post(create_api_key).get(list_api_keys))
-        .route("/v1/api-keys/{id}", delete(revoke_api_key))
+    let (router, document) = api_router().split_for_parts();
+    let document = Arc::new(document);
+    router
+        .route("/openapi.json", get(move || async move { Json(document.as_ref().clone()) }))
         .fallback(|| async { ApiError::not_found() })
         .layer(DefaultBodyLimit::max(BODY_BYTES_MAX))
         .with_state(state)
+}
+
+/// The OpenAPI 3.1 document of every endpoint, built from the same annotations that
+/// register the routes, so an endpoint cannot exist without being documented.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    api_router().split_for_parts().1
+}
+
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(title = "Tally API", description = "Prepaid wallets and a double-entry ledger. Amounts are decimal strings with a currency; every request that moves money needs an Idempotency-Key header."),
+    modifiers(&BearerAuth)
+)]
+struct ApiDoc;
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, document: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = document.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+fn api_router() -> utoipa_axum::router::OpenApiRouter<Arc<AppState>> {
+    use utoipa_axum::routes;
+    utoipa_axum::router::OpenApiRouter::with_openapi(<ApiDoc as utoipa::OpenApi>::openapi())
+        .routes(routes!(healthz))
+        .routes(routes!(readyz))
+        .routes(routes!(create_organization, list_organizations))
+        .routes(routes!(get_organization))
+        .routes(routes!(update_billing))
+        .routes(routes!(get_or_create_wallet, list_wallets))
+        .routes(routes!(get_wallet))
+        .routes(routes!(freeze_wallet))
+        .routes(routes!(unfreeze_wallet))
+        .routes(routes!(close_wallet))
+        .routes(routes!(wallet_settings))
+        .routes(routes!(adjust))
+        .routes(routes!(create_grant, list_grants))
+        .routes(routes!(void_grant))
+        .routes(routes!(place_hold, list_holds))
+        .routes(routes!(get_hold))
+        .routes(routes!(capture_hold))
+        .routes(routes!(release_hold))
+        .routes(routes!(transfer))
+        .routes(routes!(movements))
+        .routes(routes!(get_operation))
+        .routes(routes!(create_api_key, list_api_keys))
+        .routes(routes!(revoke_api_key))
 }
 
 /// Serves until `shutdown` resolves, then stops taking connections and finishes the
@@ -333,10 +367,12 @@ async fn run_money(app: &Arc<AppState>, caller: &Caller, headers: &HeaderMap, ac
 
 // ---- health ----
 
+#[utoipa::path(get, path = "/healthz", tag = "health", summary = "Liveness", responses((status = 200, description = "success, as JSON"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn healthz() -> Response {
     ok(json!({"status": "ok"}))
 }
 
+#[utoipa::path(get, path = "/readyz", tag = "health", summary = "Readiness: the ledger is loaded and storage works", responses((status = 200, description = "success, as JSON"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn readyz(AxumState(app): App) -> Response {
     if app.handle.stats().ready.load(std::sync::atomic::Ordering::Acquire) {
         ok(json!({"status": "ready"}))
@@ -347,7 +383,7 @@ async fn readyz(AxumState(app): App) -> Response {
 
 // ---- organizations ----
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct RolesBody {
     #[serde(default)]
@@ -356,13 +392,14 @@ struct RolesBody {
     consumer: bool,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct CreateOrganization {
     name: String,
     roles: Option<RolesBody>,
 }
 
+#[utoipa::path(post, path = "/v1/organizations", tag = "organizations", summary = "Create an organization (admin)", request_body = CreateOrganization, responses((status = 201, description = "success, as JSON"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn create_organization(
     AxumState(app): App,
     headers: HeaderMap,
@@ -378,13 +415,14 @@ async fn create_organization(
     Ok(created(view.ok_or_else(ApiError::not_found)?))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct PageQuery {
     limit: Option<u32>,
     after: Option<String>,
 }
 
+#[utoipa::path(get, path = "/v1/organizations", tag = "organizations", summary = "List organizations (admin), cursor `after`, `limit`", params(("limit" = Option<u32>, Query, description = "page size, at most 500"), ("after" = Option<String>, Query, description = "cursor: the last id seen")), responses((status = 200, description = "success, as JSON"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn list_organizations(AxumState(app): App, headers: HeaderMap, Query(query): Query<PageQuery>) -> ApiResult {
     caller(&app, &headers)?.require_admin()?;
     let limit = query.limit.unwrap_or(PAGE_SIZE_DEFAULT).clamp(1, tally_store::PAGE_SIZE_MAX) as usize;
@@ -404,6 +442,7 @@ async fn list_organizations(AxumState(app): App, headers: HeaderMap, Query(query
     Ok(ok(json!({"object": "list", "data": items, "next_cursor": next})))
 }
 
+#[utoipa::path(get, path = "/v1/organizations/{id}", tag = "organizations", summary = "Get an organization", params(("id" = String, Path, description = "the object's id")), responses((status = 200, description = "success, as JSON"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn get_organization(AxumState(app): App, headers: HeaderMap, Path(id): Path<String>) -> ApiResult {
     let caller = caller(&app, &headers)?;
     let id = parse_id("organization", &id, OrganizationId::parse)?;
@@ -414,7 +453,7 @@ async fn get_organization(AxumState(app): App, headers: HeaderMap, Path(id): Pat
     Ok(ok(view.ok_or_else(ApiError::not_found)?))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct BillingBody {
     legal_name: String,
@@ -428,6 +467,7 @@ struct BillingBody {
     tax_id: String,
 }
 
+#[utoipa::path(put, path = "/v1/organizations/{id}/billing-details", tag = "organizations", summary = "Set billing details", params(("id" = String, Path, description = "the object's id")), request_body = BillingBody, responses((status = 200, description = "success, as JSON"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn update_billing(
     AxumState(app): App,
     headers: HeaderMap,
@@ -457,7 +497,7 @@ async fn update_billing(
 
 // ---- wallets ----
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct CreateWallet {
     currency: String,
@@ -465,6 +505,7 @@ struct CreateWallet {
 }
 
 /// Get-or-create: safe to call on every page load; 201 when it created the wallet.
+#[utoipa::path(post, path = "/v1/organizations/{id}/wallets", tag = "wallets", summary = "Get or create the wallet in a currency (201 when created)", params(("id" = String, Path, description = "the object's id")), request_body = CreateWallet, responses((status = 200, description = "success, as JSON"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn get_or_create_wallet(
     AxumState(app): App,
     headers: HeaderMap,
@@ -511,6 +552,7 @@ async fn get_or_create_wallet(
     Ok(if was_created { created(view) } else { ok(view) })
 }
 
+#[utoipa::path(get, path = "/v1/organizations/{id}/wallets", tag = "wallets", summary = "List an organization's wallets", params(("id" = String, Path, description = "the object's id")), responses((status = 200, description = "success, as JSON"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn list_wallets(AxumState(app): App, headers: HeaderMap, Path(id): Path<String>) -> ApiResult {
     let caller = caller(&app, &headers)?;
     let organization = parse_id("organization", &id, OrganizationId::parse)?;
@@ -534,6 +576,7 @@ async fn list_wallets(AxumState(app): App, headers: HeaderMap, Path(id): Path<St
     Ok(ok(json!({"object": "list", "data": wallets})))
 }
 
+#[utoipa::path(get, path = "/v1/wallets/{id}", tag = "wallets", summary = "Balance, held, available and grants", params(("id" = String, Path, description = "the object's id")), responses((status = 200, description = "success, as JSON"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn get_wallet(AxumState(app): App, headers: HeaderMap, Path(id): Path<String>) -> ApiResult {
     let caller = caller(&app, &headers)?;
     let (_, view, _, _) = owned_wallet(&app, &caller, &id).await?;
@@ -558,24 +601,28 @@ async fn set_status(
     Ok(ok(view))
 }
 
+#[utoipa::path(post, path = "/v1/wallets/{id}/freeze", tag = "wallets", summary = "Freeze: no debits (admin)", params(("id" = String, Path, description = "the object's id")), responses((status = 200, description = "success, as JSON"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn freeze_wallet(AxumState(app): App, headers: HeaderMap, Path(id): Path<String>) -> ApiResult {
     set_status(app, headers, id, WalletStatus::Frozen, true).await
 }
 
+#[utoipa::path(post, path = "/v1/wallets/{id}/unfreeze", tag = "wallets", summary = "Unfreeze (admin)", params(("id" = String, Path, description = "the object's id")), responses((status = 200, description = "success, as JSON"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn unfreeze_wallet(AxumState(app): App, headers: HeaderMap, Path(id): Path<String>) -> ApiResult {
     set_status(app, headers, id, WalletStatus::Active, true).await
 }
 
+#[utoipa::path(post, path = "/v1/wallets/{id}/close", tag = "wallets", summary = "Close an empty wallet", params(("id" = String, Path, description = "the object's id")), responses((status = 200, description = "success, as JSON"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn close_wallet(AxumState(app): App, headers: HeaderMap, Path(id): Path<String>) -> ApiResult {
     set_status(app, headers, id, WalletStatus::Closed, false).await
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct WalletSettings {
     low_balance_threshold: Option<String>,
 }
 
+#[utoipa::path(put, path = "/v1/wallets/{id}/settings", tag = "wallets", summary = "Set the low-balance threshold", params(("id" = String, Path, description = "the object's id")), request_body = WalletSettings, responses((status = 200, description = "success, as JSON"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn wallet_settings(
     AxumState(app): App,
     headers: HeaderMap,
@@ -596,14 +643,14 @@ async fn wallet_settings(
 
 // ---- money ----
 
-#[derive(Deserialize, Clone, Copy)]
+#[derive(Deserialize, Clone, Copy, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 enum Direction {
     Credit,
     Debit,
 }
 
-#[derive(Deserialize, Clone, Copy)]
+#[derive(Deserialize, Clone, Copy, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 enum Source {
     Funding,
@@ -619,7 +666,7 @@ impl Source {
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct Adjustment {
     direction: Direction,
@@ -629,6 +676,7 @@ struct Adjustment {
     reason: String,
 }
 
+#[utoipa::path(post, path = "/v1/wallets/{id}/adjustments", tag = "money", summary = "Admin credit or debit (Idempotency-Key required)", params(("id" = String, Path, description = "the object's id"), ("Idempotency-Key" = String, Header, description = "the client's name for this operation; required")), request_body = Adjustment, responses((status = 201, description = "success, as JSON"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn adjust(
     AxumState(app): App,
     headers: HeaderMap,
@@ -650,7 +698,7 @@ async fn adjust(
     run_money(&app, &caller, &headers, action).await
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct ApplicabilityBody {
     #[serde(default)]
@@ -659,11 +707,12 @@ struct ApplicabilityBody {
     products: Vec<String>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct CreateGrant {
     amount: String,
     currency: String,
+    #[schema(value_type = String, example = "promotional")]
     category: GrantCategory,
     #[serde(default)]
     priority: u32,
@@ -673,6 +722,7 @@ struct CreateGrant {
     reason: String,
 }
 
+#[utoipa::path(post, path = "/v1/wallets/{id}/grants", tag = "grants", summary = "Grant credit (admin, Idempotency-Key required)", params(("id" = String, Path, description = "the object's id"), ("Idempotency-Key" = String, Header, description = "the client's name for this operation; required")), request_body = CreateGrant, responses((status = 201, description = "success, as JSON"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn create_grant(
     AxumState(app): App,
     headers: HeaderMap,
@@ -711,12 +761,14 @@ async fn create_grant(
     run_money(&app, &caller, &headers, action).await
 }
 
+#[utoipa::path(get, path = "/v1/wallets/{id}/grants", tag = "grants", summary = "A wallet's live grants", params(("id" = String, Path, description = "the object's id")), responses((status = 200, description = "success, as JSON"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn list_grants(AxumState(app): App, headers: HeaderMap, Path(id): Path<String>) -> ApiResult {
     let caller = caller(&app, &headers)?;
     let (_, view, _, _) = owned_wallet(&app, &caller, &id).await?;
     Ok(ok(json!({"object": "list", "data": view["grants"]})))
 }
 
+#[utoipa::path(post, path = "/v1/grants/{id}/void", tag = "grants", summary = "Void a grant's unspent remainder (admin, Idempotency-Key required)", params(("id" = String, Path, description = "the object's id"), ("Idempotency-Key" = String, Header, description = "the client's name for this operation; required")), responses((status = 200, description = "success, as JSON"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn void_grant(AxumState(app): App, headers: HeaderMap, Path(id): Path<String>) -> ApiResult {
     let caller = caller(&app, &headers)?;
     caller.require_admin()?;
@@ -724,7 +776,7 @@ async fn void_grant(AxumState(app): App, headers: HeaderMap, Path(id): Path<Stri
     run_money(&app, &caller, &headers, MoneyAction::VoidGrant { grant, reason: String::new() }).await
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct PlaceHold {
     amount: String,
@@ -737,6 +789,7 @@ struct PlaceHold {
     description: String,
 }
 
+#[utoipa::path(post, path = "/v1/wallets/{id}/holds", tag = "holds", summary = "Place a hold (Idempotency-Key required)", params(("id" = String, Path, description = "the object's id"), ("Idempotency-Key" = String, Header, description = "the client's name for this operation; required")), request_body = PlaceHold, responses((status = 201, description = "success, as JSON"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn place_hold(
     AxumState(app): App,
     headers: HeaderMap,
@@ -757,6 +810,7 @@ async fn place_hold(
     run_money(&app, &caller, &headers, action).await
 }
 
+#[utoipa::path(get, path = "/v1/wallets/{id}/holds", tag = "holds", summary = "A wallet's active holds", params(("id" = String, Path, description = "the object's id")), responses((status = 200, description = "success, as JSON"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn list_holds(AxumState(app): App, headers: HeaderMap, Path(id): Path<String>) -> ApiResult {
     let caller = caller(&app, &headers)?;
     let (wallet, _, _, currency) = owned_wallet(&app, &caller, &id).await?;
@@ -784,12 +838,13 @@ async fn owned_hold(app: &AppState, caller: &Caller, id: &str) -> Result<(HoldId
     }
 }
 
+#[utoipa::path(get, path = "/v1/holds/{id}", tag = "holds", summary = "Get an active hold", params(("id" = String, Path, description = "the object's id")), responses((status = 200, description = "success, as JSON"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn get_hold(AxumState(app): App, headers: HeaderMap, Path(id): Path<String>) -> ApiResult {
     let caller = caller(&app, &headers)?;
     Ok(ok(owned_hold(&app, &caller, &id).await?.1))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct CaptureHold {
     amount: Option<String>,
@@ -797,6 +852,7 @@ struct CaptureHold {
     fee_amount: Option<String>,
 }
 
+#[utoipa::path(post, path = "/v1/holds/{id}/capture", tag = "holds", summary = "Capture all or part of a hold (Idempotency-Key required)", params(("id" = String, Path, description = "the object's id"), ("Idempotency-Key" = String, Header, description = "the client's name for this operation; required")), request_body = CaptureHold, responses((status = 200, description = "success, as JSON"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn capture_hold(
     AxumState(app): App,
     headers: HeaderMap,
@@ -816,13 +872,14 @@ async fn capture_hold(
     run_money(&app, &caller, &headers, MoneyAction::CaptureHold { hold, amount, to, fee }).await
 }
 
+#[utoipa::path(post, path = "/v1/holds/{id}/release", tag = "holds", summary = "Release a hold (Idempotency-Key required)", params(("id" = String, Path, description = "the object's id"), ("Idempotency-Key" = String, Header, description = "the client's name for this operation; required")), responses((status = 200, description = "success, as JSON"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn release_hold(AxumState(app): App, headers: HeaderMap, Path(id): Path<String>) -> ApiResult {
     let caller = caller(&app, &headers)?;
     let hold = parse_id("hold", &id, HoldId::parse)?;
     run_money(&app, &caller, &headers, MoneyAction::ReleaseHold { hold }).await
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct Transfer {
     from_wallet: String,
@@ -834,6 +891,7 @@ struct Transfer {
     description: String,
 }
 
+#[utoipa::path(post, path = "/v1/transfers", tag = "money", summary = "Transfer between wallets (Idempotency-Key required)", params(("Idempotency-Key" = String, Header, description = "the client's name for this operation; required")), request_body = Transfer, responses((status = 201, description = "success, as JSON"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn transfer(AxumState(app): App, headers: HeaderMap, ApiJson(body): ApiJson<Transfer>) -> ApiResult {
     let caller = caller(&app, &headers)?;
     // The paying wallet must be the caller's (the writer checks it); the receiving one
@@ -850,7 +908,7 @@ async fn transfer(AxumState(app): App, headers: HeaderMap, ApiJson(body): ApiJso
 
 // ---- history ----
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct MovementQuery {
     limit: Option<u32>,
@@ -860,6 +918,7 @@ struct MovementQuery {
     until: Option<String>,
 }
 
+#[utoipa::path(get, path = "/v1/wallets/{id}/movements", tag = "history", summary = "A wallet's movements, newest first", params(("id" = String, Path, description = "the wallet's id"), ("limit" = Option<u32>, Query, description = "page size, at most 500"), ("before" = Option<String>, Query, description = "cursor: an operation id"), ("kind" = Option<String>, Query, description = "operation kinds, comma-separated"), ("from" = Option<String>, Query, description = "RFC 3339, inclusive"), ("until" = Option<String>, Query, description = "RFC 3339, exclusive")), responses((status = 200, description = "success, as JSON"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn movements(
     AxumState(app): App,
     headers: HeaderMap,
@@ -908,6 +967,7 @@ async fn movements(
     Ok(ok(json!({"object": "list", "data": data, "next_cursor": next})))
 }
 
+#[utoipa::path(get, path = "/v1/operations/{id}", tag = "history", summary = "One operation with all its legs", params(("id" = String, Path, description = "the object's id")), responses((status = 200, description = "success, as JSON"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn get_operation(AxumState(app): App, headers: HeaderMap, Path(id): Path<String>) -> ApiResult {
     let caller = caller(&app, &headers)?;
     let id = parse_id("operation", &id, OperationId::parse)?;
@@ -935,7 +995,7 @@ async fn get_operation(AxumState(app): App, headers: HeaderMap, Path(id): Path<S
 
 // ---- API keys ----
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct CreateKey {
     organization: Option<String>,
@@ -960,6 +1020,7 @@ fn key_view(record: &tally_store::ApiKeyRecord) -> Value {
     })
 }
 
+#[utoipa::path(post, path = "/v1/api-keys", tag = "api_keys", summary = "Create an API key; its secret is shown once (admin)", request_body = CreateKey, responses((status = 201, description = "success, as JSON"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn create_api_key(AxumState(app): App, headers: HeaderMap, ApiJson(body): ApiJson<CreateKey>) -> ApiResult {
     caller(&app, &headers)?.require_admin()?;
     let organization = match body.organization.as_deref() {
@@ -987,11 +1048,13 @@ async fn create_api_key(AxumState(app): App, headers: HeaderMap, ApiJson(body): 
     Ok(created(view))
 }
 
+#[utoipa::path(get, path = "/v1/api-keys", tag = "api_keys", summary = "List API keys, prefix and metadata only (admin)", responses((status = 200, description = "success, as JSON"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn list_api_keys(AxumState(app): App, headers: HeaderMap) -> ApiResult {
     caller(&app, &headers)?.require_admin()?;
     Ok(ok(json!({"object": "list", "data": app.keys.list().iter().map(key_view).collect::<Vec<_>>()})))
 }
 
+#[utoipa::path(delete, path = "/v1/api-keys/{id}", tag = "api_keys", summary = "Revoke an API key (admin)", params(("id" = String, Path, description = "the object's id")), responses((status = 204, description = "success, as JSON"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn revoke_api_key(AxumState(app): App, headers: HeaderMap, Path(id): Path<String>) -> ApiResult {
     caller(&app, &headers)?.require_admin()?;
     let id: u64 = id.strip_prefix("key_").and_then(|n| n.parse().ok()).ok_or_else(ApiError::not_found)?;

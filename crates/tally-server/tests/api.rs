@@ -422,3 +422,73 @@ async fn a_retried_capture_replays_its_first_answer_and_holds_are_listed() {
     assert_eq!(server.wallet(&wallet).await["held"], "4.00");
     server.stop().await;
 }
+
+/// Every endpoint the router serves, by method and path. Routes and their documentation
+/// are registered together, so this list checks both: a route missing here or in the
+/// document fails the test.
+const ENDPOINTS: &[(&str, &str)] = &[
+    ("get", "/healthz"),
+    ("get", "/readyz"),
+    ("post", "/v1/organizations"),
+    ("get", "/v1/organizations"),
+    ("get", "/v1/organizations/{id}"),
+    ("put", "/v1/organizations/{id}/billing-details"),
+    ("post", "/v1/organizations/{id}/wallets"),
+    ("get", "/v1/organizations/{id}/wallets"),
+    ("get", "/v1/wallets/{id}"),
+    ("post", "/v1/wallets/{id}/freeze"),
+    ("post", "/v1/wallets/{id}/unfreeze"),
+    ("post", "/v1/wallets/{id}/close"),
+    ("put", "/v1/wallets/{id}/settings"),
+    ("post", "/v1/wallets/{id}/adjustments"),
+    ("post", "/v1/wallets/{id}/grants"),
+    ("get", "/v1/wallets/{id}/grants"),
+    ("post", "/v1/grants/{id}/void"),
+    ("post", "/v1/wallets/{id}/holds"),
+    ("get", "/v1/wallets/{id}/holds"),
+    ("get", "/v1/holds/{id}"),
+    ("post", "/v1/holds/{id}/capture"),
+    ("post", "/v1/holds/{id}/release"),
+    ("post", "/v1/transfers"),
+    ("get", "/v1/wallets/{id}/movements"),
+    ("get", "/v1/operations/{id}"),
+    ("post", "/v1/api-keys"),
+    ("get", "/v1/api-keys"),
+    ("delete", "/v1/api-keys/{id}"),
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openapi_document_lists_every_endpoint_with_its_errors() {
+    let server = Server::start().await;
+    let response = server.client.get(format!("{}/openapi.json", server.base)).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let document: Value = response.json().await.unwrap();
+    assert!(document["openapi"].as_str().unwrap().starts_with("3.1"), "{}", document["openapi"]);
+    let paths = document["paths"].as_object().unwrap();
+    let mut documented = 0;
+    for (path, item) in paths {
+        for (method, operation) in item.as_object().unwrap() {
+            documented += 1;
+            assert!(
+                ENDPOINTS.contains(&(method.as_str(), path.as_str())),
+                "{method} {path} is documented but not expected"
+            );
+            assert!(operation["responses"]["4XX"].is_object(), "{method} {path} documents no errors");
+        }
+    }
+    for (method, path) in ENDPOINTS {
+        assert!(
+            paths.get(*path).and_then(|item| item.get(*method)).is_some(),
+            "{method} {path} is missing from the document"
+        );
+        // And the server really serves it (anything but the router's own 404 or 405).
+        let url = format!("{}{}", server.base, path.replace("{id}", "x_1"));
+        let answer = server.client.request(method.to_uppercase().parse().unwrap(), url).send().await.unwrap();
+        assert_ne!(answer.status(), StatusCode::METHOD_NOT_ALLOWED, "{method} {path}");
+    }
+    assert_eq!(documented, ENDPOINTS.len());
+    for schema in ["CreateOrganization", "PlaceHold", "Transfer", "Problem"] {
+        assert!(document["components"]["schemas"][schema].is_object(), "schema {schema} missing");
+    }
+    server.stop().await;
+}
