@@ -101,17 +101,7 @@ impl AppState {
 
     /// A wallet's owner and currency, as of every durable write before the request.
     async fn wallet_meta(&self, wallet: WalletId) -> Result<Option<(OrganizationId, Currency)>, ApiError> {
-        let (sender, receiver) = tokio::sync::oneshot::channel();
-        let request = EngineRequest::Read(Box::new(move |state| {
-            Box::new(state.wallet(wallet).map(|w| (w.organization, w.currency))) as Box<dyn std::any::Any + Send>
-        }));
-        self.handle.submit(request, Box::new(move |outcome| drop(sender.send(outcome))))?;
-        match receiver.await.map_err(|_| ApiError::new("shutting_down", "the engine stopped"))?? {
-            Answer::Read(value) => Ok(*value
-                .downcast::<Option<(OrganizationId, Currency)>>()
-                .map_err(|_| ApiError::new("internal", "read type"))?),
-            Answer::Receipt(_) => Err(ApiError::new("internal", "a read was answered with a receipt")),
-        }
+        self.read(move |state| state.wallet(wallet).map(|w| (w.organization, w.currency))).await
     }
 
     fn now(&self) -> Timestamp {
