@@ -417,8 +417,7 @@ pub enum Receipt {
         grant: GrantId,
         operation: Option<Operation>,
     },
-    /// What a tick expired; `keys_pruned` is non-zero when it turned the generation of
-    /// idempotency keys.
+    /// What a tick expired; `keys_pruned` counts the idempotency keys it forgot.
     Expired {
         holds: Vec<HoldId>,
         operations: Vec<Operation>,
