@@ -258,7 +258,7 @@ fn settings_are_journaled_so_a_replay_from_nothing_matches() {
     let directory = tempfile::tempdir().unwrap();
     let path = directory.path().join("t.db");
     let config = EngineConfig {
-        settings: Settings { idempotency_retention_ms: 48 * 3_600_000 },
+        settings: Settings { idempotency_retention_ms: 48 * 3_600_000, ..Settings::default() },
         snapshot_on_shutdown: true,
         ..EngineConfig::default()
     };

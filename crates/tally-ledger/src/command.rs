@@ -1,8 +1,10 @@
 //! What the ledger is asked to do (commands) and what it answers (receipts and
 //! operations). Commands are plain data so the engine can journal and replay them.
 
+use crate::billing::{Aggregation, PlanSpec, Quantity, SubscriptionStatus};
 use crate::ids::*;
 use crate::money::{Amount, Currency, Money, PartsPerMillion};
+use crate::rejection::Rejection;
 use serde::{Deserialize, Serialize};
 
 /// Milliseconds since the Unix epoch, UTC. The core never reads a clock: time arrives
@@ -265,6 +267,34 @@ pub enum MoneyAction {
         grant: GrantId,
         reason: String,
     },
+    /// A merchant's access check with a reservation: rates `quantity` (or takes
+    /// `amount`) for the consumer's subscription and holds that much on the consumer's
+    /// wallet for the merchant. Usage events naming the hold capture from it.
+    Reserve {
+        merchant: OrganizationId,
+        consumer: OrganizationId,
+        meter: String,
+        quantity: Option<Quantity>,
+        amount: Option<Amount>,
+        properties: Vec<(String, String)>,
+        ttl_ms: i64,
+    },
+}
+
+/// A merchant's report that a consumer used a meter. `key` is the digest of the
+/// merchant's event id: a second event with the same id is a duplicate.
+#[derive(Clone, PartialEq, Eq, Hash, Debug, Serialize, Deserialize)]
+pub struct UsageEvent {
+    pub key: IdempotencyKey,
+    pub consumer: OrganizationId,
+    pub meter: String,
+    pub quantity: Quantity,
+    pub at: Timestamp,
+    pub properties: Vec<(String, String)>,
+    /// A reservation (hold) from an access check to capture from first.
+    pub reservation: Option<HoldId>,
+    /// Releases what is left of the reservation after this event.
+    pub finish: bool,
 }
 
 #[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
@@ -312,9 +342,44 @@ pub enum Command {
     Configure {
         settings: crate::state::Settings,
     },
-    /// Expires due holds, grants and idempotency keys. The engine issues it when
-    /// something is due, so expiry happens on time without any request.
+    /// Expires due holds, grants and idempotency keys, and renews subscriptions. The
+    /// engine issues it when something is due, so it happens on time without any request.
     Tick,
+    CreateProduct {
+        merchant: OrganizationId,
+        name: String,
+    },
+    CreateMeter {
+        merchant: OrganizationId,
+        code: String,
+        unit: String,
+        aggregation: Aggregation,
+        product: Option<ProductId>,
+    },
+    /// Creates a plan, or a new version of one (`spec.replaces`); plans never change.
+    CreatePlan {
+        spec: PlanSpec,
+    },
+    /// Stops a plan taking new subscriptions; existing ones keep it.
+    ArchivePlan {
+        plan: PlanId,
+    },
+    /// Subscribes a consumer to a plan, creating its wallet in the plan's currency if
+    /// needed, and charges the first period's recurring fee.
+    Subscribe {
+        consumer: OrganizationId,
+        plan: PlanId,
+    },
+    CancelSubscription {
+        subscription: SubscriptionId,
+        at_period_end: bool,
+    },
+    /// Rates and charges usage events, each on its own: one event's rejection does not
+    /// affect the others.
+    Usage {
+        merchant: OrganizationId,
+        events: Vec<UsageEvent>,
+    },
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Serialize, Deserialize)]
@@ -329,6 +394,8 @@ pub enum OperationKind {
     HoldCapture,
     GrantExpiry,
     GrantVoid,
+    /// A subscription's recurring fee.
+    RecurringFee,
 }
 
 impl OperationKind {
@@ -343,6 +410,7 @@ impl OperationKind {
             OperationKind::HoldCapture => "hold_capture",
             OperationKind::GrantExpiry => "grant_expiry",
             OperationKind::GrantVoid => "grant_void",
+            OperationKind::RecurringFee => "recurring_fee",
         }
     }
 }
@@ -422,6 +490,33 @@ pub enum Receipt {
         holds: Vec<HoldId>,
         operations: Vec<Operation>,
         keys_pruned: u64,
+        renewals: Vec<Renewal>,
+    },
+    ProductCreated(ProductId),
+    MeterCreated(MeterId),
+    PlanCreated {
+        plan: PlanId,
+        /// The merchant's wallet in the plan's currency, if the plan created it.
+        wallet_created: Option<WalletId>,
+    },
+    PlanArchived(PlanId),
+    /// A subscription created or changed; a new one may have created the consumer's
+    /// wallet and charged the first fee.
+    Subscription {
+        subscription: SubscriptionId,
+        status: SubscriptionStatus,
+        wallet_created: Option<WalletId>,
+        fee: Option<Operation>,
+        low_balance: bool,
+    },
+    /// One outcome per event, in order.
+    Usage {
+        results: Vec<Result<UsageCharge, Rejection>>,
+    },
+    Reserved {
+        hold: HoldId,
+        expires_at: Timestamp,
+        amount: Amount,
     },
     /// A repeat of an idempotency key: the original result, not applied again.
     Replayed(ReceiptRef),
@@ -441,7 +536,7 @@ impl Receipt {
                 reference.hold = Some(*hold);
                 reference.operation = Some(operation.id);
             }
-            Receipt::HoldReleased { hold, .. } => reference.hold = Some(*hold),
+            Receipt::HoldReleased { hold, .. } | Receipt::Reserved { hold, .. } => reference.hold = Some(*hold),
             Receipt::GrantVoided { grant, operation } => {
                 reference.grant = Some(*grant);
                 reference.operation = operation.as_ref().map(|o| o.id);
@@ -457,8 +552,46 @@ impl Receipt {
         match self {
             Receipt::Posted { operation, .. } | Receipt::HoldCaptured { operation, .. } => vec![operation],
             Receipt::GrantVoided { operation, .. } => operation.iter().collect(),
-            Receipt::Expired { operations, .. } => operations.iter().collect(),
+            Receipt::Expired { operations, renewals, .. } => {
+                operations.iter().chain(renewals.iter().filter_map(|r| r.fee.as_ref())).collect()
+            }
+            Receipt::Subscription { fee, .. } => fee.iter().collect(),
+            Receipt::Usage { results } => {
+                results.iter().filter_map(|r| r.as_ref().ok().and_then(|c| c.operation.as_ref())).collect()
+            }
             _ => Vec::new(),
         }
     }
+}
+
+/// What one usage event cost and how it was paid.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct UsageCharge {
+    pub subscription: SubscriptionId,
+    pub meter: MeterId,
+    pub product: Option<ProductId>,
+    /// The quantity the event added to the period (1 for a counting meter).
+    pub quantity: Quantity,
+    /// Index of the dimension value that priced it, for dimensional prices.
+    pub dimension: Option<u16>,
+    pub amount: Amount,
+    pub fee: Amount,
+    /// The charge; None when the event cost less than one ledger unit so far (the
+    /// fraction is carried to the next event).
+    pub operation: Option<Operation>,
+    /// The reservation captured from, and what was released if this event finished it.
+    pub reservation: Option<HoldId>,
+    pub released: Option<Amount>,
+    /// The wallet's available balance fell below its threshold with this charge.
+    pub low_balance: bool,
+}
+
+/// What a period boundary or a fee retry did to a subscription.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct Renewal {
+    pub subscription: SubscriptionId,
+    pub status: SubscriptionStatus,
+    pub period_start: Timestamp,
+    pub fee: Option<Operation>,
+    pub low_balance: bool,
 }

@@ -42,6 +42,9 @@ id_type!(GrantId, "grt");
 id_type!(HoldId, "hld");
 id_type!(OperationId, "op");
 id_type!(ProductId, "prd");
+id_type!(MeterId, "mtr");
+id_type!(PlanId, "pln");
+id_type!(SubscriptionId, "sub");
 
 #[cfg(test)]
 mod tests {

@@ -1,12 +1,14 @@
 //! Tally's pure ledger core. It never reads the clock, the disk or the network: time
 //! and commands are arguments, and the same inputs always give the same state.
 
+pub mod billing;
 pub mod command;
 pub mod ids;
 pub mod keys;
 pub mod money;
 pub mod rejection;
 pub mod state;
+mod usage;
 
 pub use command::*;
 pub use ids::*;

@@ -60,6 +60,46 @@ pub enum Rejection {
     InvalidSetting,
     #[error("billing details need a legal name, an email, a two-letter country code, and fields of at most 255 bytes")]
     InvalidBillingDetails,
+    #[error("quantities are plain non-negative decimals with at most 12 fractional digits")]
+    InvalidQuantity,
+    #[error("a price is malformed: negative, empty tiers, tiers not ascending or without an open last tier, a zero package, or a meter priced twice")]
+    InvalidPrice,
+    #[error("codes are 1 to 64 bytes of lowercase letters, digits, '_', '.' or '-'")]
+    InvalidCode,
+    #[error("the event's property value has no price and the price has no default")]
+    UnknownDimension,
+    #[error("no such meter in the subscription's plan")]
+    UnknownMeter,
+    #[error("no such meter")]
+    MeterNotFound,
+    #[error("the merchant already has a meter with this code")]
+    MeterCodeTaken,
+    #[error("no such product")]
+    ProductNotFound,
+    #[error("no such plan")]
+    PlanNotFound,
+    #[error("the plan was replaced by a newer version or archived: it takes no new subscriptions")]
+    PlanSuperseded,
+    #[error("no such subscription")]
+    SubscriptionNotFound,
+    #[error("the consumer already has a subscription to this merchant")]
+    SubscriptionExists,
+    #[error("the subscription is canceled")]
+    SubscriptionCanceled,
+    #[error("the consumer has no active subscription to this merchant")]
+    NoActiveSubscription,
+    #[error("the organization does not have the merchant role")]
+    NotAMerchant,
+    #[error("the organization does not have the consumer role")]
+    NotAConsumer,
+    #[error("an event with this id was already charged")]
+    DuplicateEvent,
+    #[error("the event's timestamp is outside the accepted window")]
+    EventTooOld,
+    #[error("the event's timestamp is too far in the future")]
+    EventInFuture,
+    #[error("the reservation belongs to another consumer or merchant")]
+    ReservationMismatch,
 }
 
 impl Rejection {
@@ -94,6 +134,26 @@ impl Rejection {
             InvalidStatusChange => "invalid_status_change",
             InvalidSetting => "invalid_setting",
             InvalidBillingDetails => "invalid_billing_details",
+            InvalidQuantity => "invalid_quantity",
+            InvalidPrice => "invalid_price",
+            InvalidCode => "invalid_code",
+            UnknownDimension => "unknown_dimension",
+            UnknownMeter => "unknown_meter",
+            MeterNotFound => "meter_not_found",
+            MeterCodeTaken => "meter_code_taken",
+            ProductNotFound => "product_not_found",
+            PlanNotFound => "plan_not_found",
+            PlanSuperseded => "plan_superseded",
+            SubscriptionNotFound => "subscription_not_found",
+            SubscriptionExists => "subscription_exists",
+            SubscriptionCanceled => "subscription_canceled",
+            NoActiveSubscription => "no_active_subscription",
+            NotAMerchant => "not_a_merchant",
+            NotAConsumer => "not_a_consumer",
+            DuplicateEvent => "duplicate_event",
+            EventTooOld => "event_too_old",
+            EventInFuture => "event_in_future",
+            ReservationMismatch => "reservation_mismatch",
         }
     }
 
@@ -126,6 +186,26 @@ impl Rejection {
         Rejection::InvalidStatusChange,
         Rejection::InvalidSetting,
         Rejection::InvalidBillingDetails,
+        Rejection::InvalidQuantity,
+        Rejection::InvalidPrice,
+        Rejection::InvalidCode,
+        Rejection::UnknownDimension,
+        Rejection::UnknownMeter,
+        Rejection::MeterNotFound,
+        Rejection::MeterCodeTaken,
+        Rejection::ProductNotFound,
+        Rejection::PlanNotFound,
+        Rejection::PlanSuperseded,
+        Rejection::SubscriptionNotFound,
+        Rejection::SubscriptionExists,
+        Rejection::SubscriptionCanceled,
+        Rejection::NoActiveSubscription,
+        Rejection::NotAMerchant,
+        Rejection::NotAConsumer,
+        Rejection::DuplicateEvent,
+        Rejection::EventTooOld,
+        Rejection::EventInFuture,
+        Rejection::ReservationMismatch,
     ];
 }
 

@@ -2,10 +2,11 @@
 //! `State::apply` either applies a command whole or rejects it and leaves the state
 //! exactly as it was: every check runs before the first write.
 
+use crate::billing::{Meter, PricePlan, Product, Subscription};
 use crate::command::*;
 use crate::ids::*;
 use crate::keys::KeyTable;
-use crate::money::{Amount, Currency, Money};
+use crate::money::{Amount, Currency, Money, PartsPerMillion};
 use crate::rejection::Rejection;
 use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
@@ -22,14 +23,33 @@ pub const WALLET_GRANTS_MAX: usize = 64;
 /// Most active holds on one wallet; bounds the reservations a wallet can accumulate.
 pub const WALLET_HOLDS_MAX: u32 = 10_000;
 
+/// How long a usage event id is remembered: 7 days, the contract's minimum.
+pub const USAGE_RETENTION_MIN_MS: i64 = 7 * 24 * 3600 * 1000;
+/// How old a usage event may be by default: 24 hours.
+pub const USAGE_WINDOW_DEFAULT_MS: i64 = 24 * 3600 * 1000;
+/// How far ahead of the ledger's clock an event's time may be (clock skew).
+pub const USAGE_FUTURE_MAX_MS: i64 = 5 * 60 * 1000;
+
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Hash)]
 pub struct Settings {
     pub idempotency_retention_ms: i64,
+    /// How long usage event ids are remembered (duplicates refused).
+    pub usage_retention_ms: i64,
+    /// Events older than this are refused (`event_too_old`); never longer than the
+    /// retention, so an event old enough to be forgotten cannot be charged twice.
+    pub usage_window_ms: i64,
+    /// The platform's fee on charges of plans that do not set their own.
+    pub platform_fee: PartsPerMillion,
 }
 
 impl Default for Settings {
     fn default() -> Settings {
-        Settings { idempotency_retention_ms: IDEMPOTENCY_RETENTION_DEFAULT_MS }
+        Settings {
+            idempotency_retention_ms: IDEMPOTENCY_RETENTION_DEFAULT_MS,
+            usage_retention_ms: USAGE_RETENTION_MIN_MS,
+            usage_window_ms: USAGE_WINDOW_DEFAULT_MS,
+            platform_fee: PartsPerMillion(0),
+        }
     }
 }
 
@@ -66,6 +86,8 @@ pub struct Wallet {
     /// wallets small: a million of them must fit in 300 MB).
     pub exclusive_hold: u64,
     pub active_holds: u32,
+    /// Available is below the threshold and `balance.low` was reported for this crossing.
+    pub low_balance_notified: bool,
 }
 
 impl Wallet {
@@ -208,6 +230,19 @@ pub struct State {
     /// Grants to sweep at a time: active grants at their expiry, and expired or voided
     /// grants whose released reservations must be swept now.
     pub grant_sweeps: BTreeSet<(Timestamp, GrantId)>,
+    pub products: Vec<Product>,
+    pub meters: Vec<Meter>,
+    pub plans: Vec<PricePlan>,
+    pub subscriptions: Vec<Subscription>,
+    /// The consumer's live (not canceled) subscription to a merchant.
+    pub subscription_by_pair: FxHashMap<(OrganizationId, OrganizationId), SubscriptionId>,
+    /// Period ends and fee retries, by time.
+    pub renewals: BTreeSet<(Timestamp, SubscriptionId)>,
+    /// Usage event ids, in two generations like idempotency keys, kept for the usage
+    /// retention period.
+    pub usage_keys: KeyTable,
+    pub usage_keys_previous: KeyTable,
+    pub usage_generation_started_at: Timestamp,
 }
 
 /// A cache hint: start loading `value`'s memory now. A no-op where unsupported.
@@ -308,14 +343,14 @@ pub fn fingerprint(action: &MoneyAction) -> u64 {
     hasher.finish()
 }
 
-fn text_ok(text: &str, empty_allowed: bool) -> Result<(), Rejection> {
+pub(crate) fn text_ok(text: &str, empty_allowed: bool) -> Result<(), Rejection> {
     if text.len() > TEXT_LENGTH_MAX || (!empty_allowed && text.is_empty()) {
         return Err(Rejection::TextLengthOutOfRange);
     }
     Ok(())
 }
 
-fn positive(amount: Amount) -> Result<i128, Rejection> {
+pub(crate) fn positive(amount: Amount) -> Result<i128, Rejection> {
     if amount.is_positive() {
         Ok(amount.units())
     } else {
@@ -323,7 +358,7 @@ fn positive(amount: Amount) -> Result<i128, Rejection> {
     }
 }
 
-fn add(a: i128, b: i128) -> Result<i128, Rejection> {
+pub(crate) fn add(a: i128, b: i128) -> Result<i128, Rejection> {
     a.checked_add(b).ok_or(Rejection::AmountOverflow)
 }
 
@@ -337,7 +372,7 @@ impl State {
         self.wallets.get(index)
     }
 
-    fn wallet_mut(&mut self, id: WalletId) -> &mut Wallet {
+    pub(crate) fn wallet_mut(&mut self, id: WalletId) -> &mut Wallet {
         &mut self.wallets[(id.0 - 1) as usize]
     }
 
@@ -346,7 +381,7 @@ impl State {
         self.grants.get(index)
     }
 
-    fn grant_mut(&mut self, id: GrantId) -> &mut Grant {
+    pub(crate) fn grant_mut(&mut self, id: GrantId) -> &mut Grant {
         &mut self.grants[(id.0 - 1) as usize]
     }
 
@@ -398,6 +433,9 @@ impl State {
             self.grant_sweeps.first().map(|(at, _)| *at),
             (!self.idempotency.is_empty() || !self.idempotency_previous.is_empty())
                 .then(|| self.idempotency_generation_started_at.saturating_add(self.settings.idempotency_retention_ms)),
+            self.renewals.first().map(|(at, _)| *at),
+            (!self.usage_keys.is_empty() || !self.usage_keys_previous.is_empty())
+                .then(|| self.usage_generation_started_at.saturating_add(self.settings.usage_retention_ms)),
         ]
         .into_iter()
         .flatten()
@@ -452,6 +490,7 @@ impl State {
                     grants: Vec::new(),
                     exclusive_hold: 0,
                     active_holds: 0,
+                    low_balance_notified: false,
                 });
                 if !exists {
                     self.organizations[(organization.0 - 1) as usize].wallets.push((*currency, id));
@@ -480,13 +519,25 @@ impl State {
             Command::Move { key, action } => self.apply_move(*key, action, None, now),
             Command::MoveAs { actor, key, action } => self.apply_move(*key, action, Some(*actor), now),
             Command::Configure { settings } => {
-                if settings.idempotency_retention_ms < IDEMPOTENCY_RETENTION_MIN_MS {
+                if settings.idempotency_retention_ms < IDEMPOTENCY_RETENTION_MIN_MS
+                    || settings.usage_retention_ms < USAGE_RETENTION_MIN_MS
+                    || settings.usage_window_ms <= 0
+                    || settings.usage_window_ms > settings.usage_retention_ms
+                    || settings.platform_fee.0 > PartsPerMillion::MAX
+                {
                     return Err(Rejection::InvalidSetting);
                 }
                 self.settings = *settings;
                 Ok(Receipt::Configured)
             }
             Command::Tick => Ok(self.tick(now)),
+            Command::CreateProduct { .. }
+            | Command::CreateMeter { .. }
+            | Command::CreatePlan { .. }
+            | Command::ArchivePlan { .. }
+            | Command::Subscribe { .. }
+            | Command::CancelSubscription { .. }
+            | Command::Usage { .. } => self.apply_billing(command, now),
         }
     }
 
@@ -535,6 +586,13 @@ impl State {
                 }
                 true
             }
+            // A merchant reserves on its consumers' wallets, through their subscriptions.
+            MoneyAction::Reserve { merchant, .. } => {
+                if *merchant != actor {
+                    return Err(Rejection::OrganizationNotFound);
+                }
+                true
+            }
         };
         if allowed {
             Ok(())
@@ -543,7 +601,13 @@ impl State {
         }
     }
 
-    fn next_operation(&mut self, kind: OperationKind, currency: Currency, now: Timestamp, legs: Legs) -> Operation {
+    pub(crate) fn next_operation(
+        &mut self,
+        kind: OperationKind,
+        currency: Currency,
+        now: Timestamp,
+        legs: Legs,
+    ) -> Operation {
         let id = OperationId(self.next_operation_id);
         self.next_operation_id += 1;
         debug_assert_eq!(legs.iter().map(|l| l.amount.units()).sum::<i128>(), 0, "legs must sum to zero");
@@ -551,7 +615,7 @@ impl State {
     }
 
     /// Adds `amount` to a system account and returns its leg.
-    fn post_system(&mut self, account: SystemAccount, currency: Currency, amount: i128) -> Leg {
+    pub(crate) fn post_system(&mut self, account: SystemAccount, currency: Currency, amount: i128) -> Leg {
         let balance = &mut self.system_row(currency).balances[account as usize];
         *balance += amount;
         Leg {
@@ -562,11 +626,16 @@ impl State {
         }
     }
 
-    fn system_fits(&self, account: SystemAccount, currency: Currency, amount: i128) -> Result<(), Rejection> {
+    pub(crate) fn system_fits(
+        &self,
+        account: SystemAccount,
+        currency: Currency,
+        amount: i128,
+    ) -> Result<(), Rejection> {
         add(self.system_units(currency, account), amount).map(|_| ())
     }
 
-    fn wallet_leg(&self, wallet: WalletId, amount: i128, grants: Vec<GrantPortion>) -> Leg {
+    pub(crate) fn wallet_leg(&self, wallet: WalletId, amount: i128, grants: Vec<GrantPortion>) -> Leg {
         Leg {
             account: Account::Wallet(wallet),
             amount: Amount::from_units(amount),
@@ -576,7 +645,7 @@ impl State {
     }
 
     /// A wallet that exists, holds `currency` and is not closed.
-    fn open_wallet(&self, id: WalletId, currency: Currency) -> Result<&Wallet, Rejection> {
+    pub(crate) fn open_wallet(&self, id: WalletId, currency: Currency) -> Result<&Wallet, Rejection> {
         let wallet = self.wallet(id).ok_or(Rejection::WalletNotFound)?;
         if wallet.currency != currency {
             return Err(Rejection::CurrencyMismatch);
@@ -588,7 +657,7 @@ impl State {
     }
 
     /// An open wallet that may be debited.
-    fn debitable_wallet(&self, id: WalletId, currency: Currency) -> Result<&Wallet, Rejection> {
+    pub(crate) fn debitable_wallet(&self, id: WalletId, currency: Currency) -> Result<&Wallet, Rejection> {
         let wallet = self.open_wallet(id, currency)?;
         if wallet.status == WalletStatus::Frozen {
             return Err(Rejection::WalletFrozen);
@@ -599,7 +668,7 @@ impl State {
     /// Decides which portions of a wallet pay `amount`: usable, applicable grants in
     /// spending order, then the main balance; only what no hold has reserved.
     /// `merchant` None with `any_grant` takes from every grant (admin debits).
-    fn plan_spend(
+    pub(crate) fn plan_spend(
         &self,
         wallet: &Wallet,
         amount: i128,
@@ -645,7 +714,7 @@ impl State {
 
     /// Takes planned portions out of a wallet (they must not be reserved) and returns the
     /// grant portions for the leg.
-    fn spend(&mut self, wallet: WalletId, plan: &[Reservation], from_reserved: bool) -> Vec<GrantPortion> {
+    pub(crate) fn spend(&mut self, wallet: WalletId, plan: &[Reservation], from_reserved: bool) -> Vec<GrantPortion> {
         let mut portions = Vec::new();
         for reservation in plan {
             match reservation.portion {
@@ -678,7 +747,7 @@ impl State {
         portions
     }
 
-    fn fee_of(amount: Amount, fee: Fee) -> Result<i128, Rejection> {
+    pub(crate) fn fee_of(amount: Amount, fee: Fee) -> Result<i128, Rejection> {
         let fee = match fee {
             Fee::None => 0,
             Fee::Rate(rate) => {
@@ -700,7 +769,7 @@ impl State {
         Ok(fee)
     }
 
-    fn apply_action(&mut self, action: &MoneyAction, now: Timestamp) -> Result<Receipt, Rejection> {
+    pub(crate) fn apply_action(&mut self, action: &MoneyAction, now: Timestamp) -> Result<Receipt, Rejection> {
         match action {
             MoneyAction::Credit { wallet, amount, kind, source, grant, reason } => {
                 self.credit(*wallet, *amount, *kind, *source, grant.as_ref(), reason, now)
@@ -746,6 +815,9 @@ impl State {
                 };
                 let operation = self.next_operation(operation_kind, amount.currency, now, legs);
                 Ok(Receipt::Posted { operation, grant: None })
+            }
+            MoneyAction::Reserve { merchant, consumer, meter, quantity, amount, properties, ttl_ms } => {
+                self.reserve(*merchant, *consumer, meter, *quantity, *amount, properties, *ttl_ms, now)
             }
             MoneyAction::PlaceHold { wallet, amount, ttl_ms, exclusive, payee, product, description } => {
                 text_ok(description, true)?;
@@ -951,7 +1023,7 @@ impl State {
         Ok(Receipt::Posted { operation, grant: grant_id })
     }
 
-    fn active_hold(&self, id: HoldId) -> Result<&Hold, Rejection> {
+    pub(crate) fn active_hold(&self, id: HoldId) -> Result<&Hold, Rejection> {
         match self.holds.get(&id) {
             Some(hold) => Ok(hold),
             None if id.0 >= 1 && id.0 < self.next_hold_id => Err(Rejection::HoldAlreadyResolved),
@@ -961,7 +1033,7 @@ impl State {
 
     /// Returns reserved portions to their wallet. A portion of a grant that expired or
     /// was voided meanwhile is queued to be swept at once.
-    fn unreserve(&mut self, hold: &Hold, returned: &[Reservation], now: Timestamp) {
+    pub(crate) fn unreserve(&mut self, hold: &Hold, returned: &[Reservation], now: Timestamp) {
         for reservation in returned {
             match reservation.portion {
                 Portion::Main => self.wallet_mut(hold.wallet).main_held -= reservation.amount,
@@ -976,7 +1048,7 @@ impl State {
         }
     }
 
-    fn close_hold(&mut self, hold: &Hold) {
+    pub(crate) fn close_hold(&mut self, hold: &Hold) {
         self.hold_expiry.remove(&(hold.expires_at, hold.id));
         self.holds_by_wallet.remove(&(hold.wallet, hold.id));
         let w = self.wallet_mut(hold.wallet);
@@ -1103,8 +1175,9 @@ impl State {
             }
             operations.extend(self.sweep_grant(id, now));
         }
-        let keys_pruned = self.turn_idempotency_generation(now);
-        Receipt::Expired { holds, operations, keys_pruned }
+        let keys_pruned = self.turn_idempotency_generation(now) + self.turn_usage_generation(now);
+        let renewals = self.renew_due(now);
+        Receipt::Expired { holds, operations, keys_pruned, renewals }
     }
 
     /// Checks every invariant the state can show and returns what is broken.
@@ -1164,6 +1237,7 @@ impl State {
                 problems.push(format!("{:?}: available is negative", wallet.id));
             }
         }
+        problems.extend(self.check_billing_invariants());
         for (currency, sum) in sums {
             if sum != 0 {
                 problems.push(format!("{currency}: accounts sum to {sum} ledger units, not zero"));

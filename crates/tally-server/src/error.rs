@@ -63,13 +63,28 @@ pub fn status_of(code: &str) -> StatusCode {
         | "amount_overflow"
         | "fee_exceeds_amount"
         | "same_wallet"
-        | "invalid_setting" => StatusCode::BAD_REQUEST,
+        | "invalid_setting"
+        | "invalid_quantity"
+        | "invalid_price"
+        | "invalid_code"
+        | "event_too_old"
+        | "event_in_future" => StatusCode::BAD_REQUEST,
         "unauthorized" => StatusCode::UNAUTHORIZED,
         "forbidden" => StatusCode::FORBIDDEN,
-        "not_found" | "wallet_not_found" | "hold_not_found" | "grant_not_found" | "organization_not_found" => {
-            StatusCode::NOT_FOUND
-        }
-        "idempotency_key_in_use" | "wallet_already_exists" => StatusCode::CONFLICT,
+        "not_found"
+        | "wallet_not_found"
+        | "hold_not_found"
+        | "grant_not_found"
+        | "organization_not_found"
+        | "meter_not_found"
+        | "product_not_found"
+        | "plan_not_found"
+        | "subscription_not_found" => StatusCode::NOT_FOUND,
+        "idempotency_key_in_use"
+        | "wallet_already_exists"
+        | "meter_code_taken"
+        | "subscription_exists"
+        | "duplicate_event" => StatusCode::CONFLICT,
         "payload_too_large" => StatusCode::PAYLOAD_TOO_LARGE,
         "unsupported_media_type" => StatusCode::UNSUPPORTED_MEDIA_TYPE,
         "insufficient_funds"
@@ -83,7 +98,15 @@ pub fn status_of(code: &str) -> StatusCode {
         | "capture_payee_mismatch"
         | "grant_not_active"
         | "idempotency_key_mismatch"
-        | "invalid_status_change" => StatusCode::UNPROCESSABLE_ENTITY,
+        | "invalid_status_change"
+        | "unknown_dimension"
+        | "unknown_meter"
+        | "plan_superseded"
+        | "subscription_canceled"
+        | "no_active_subscription"
+        | "not_a_merchant"
+        | "not_a_consumer"
+        | "reservation_mismatch" => StatusCode::UNPROCESSABLE_ENTITY,
         "rate_limited" => StatusCode::TOO_MANY_REQUESTS,
         "busy" | "not_ready" | "shutting_down" => StatusCode::SERVICE_UNAVAILABLE,
         _ => StatusCode::INTERNAL_SERVER_ERROR,

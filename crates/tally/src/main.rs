@@ -108,6 +108,16 @@ struct ServeArgs {
     /// How long idempotency keys are remembered, in hours (at least 24).
     #[arg(long, env = "TALLY_IDEMPOTENCY_RETENTION_HOURS", default_value_t = 24)]
     idempotency_retention_hours: i64,
+    /// How long usage event ids are remembered (duplicates refused), in hours (at least 168).
+    #[arg(long, env = "TALLY_USAGE_RETENTION_HOURS", default_value_t = 168)]
+    usage_retention_hours: i64,
+    /// How old a usage event may be when it arrives, in hours (at most the retention).
+    #[arg(long, env = "TALLY_USAGE_WINDOW_HOURS", default_value_t = 24)]
+    usage_window_hours: i64,
+    /// The platform's default fee on usage charges and recurring fees, in parts per
+    /// million (20000 = 2%); a plan may set its own.
+    #[arg(long, env = "TALLY_PLATFORM_FEE_PPM", default_value_t = 0)]
+    platform_fee_ppm: u32,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -134,7 +144,12 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let config = EngineConfig {
         queue_capacity: args.queue_capacity,
         batch_size_max: args.batch_size_max,
-        settings: tally_ledger::Settings { idempotency_retention_ms: args.idempotency_retention_hours * 3_600_000 },
+        settings: tally_ledger::Settings {
+            idempotency_retention_ms: args.idempotency_retention_hours.saturating_mul(3_600_000),
+            usage_retention_ms: args.usage_retention_hours.saturating_mul(3_600_000),
+            usage_window_ms: args.usage_window_hours.saturating_mul(3_600_000),
+            platform_fee: tally_ledger::PartsPerMillion(args.platform_fee_ppm),
+        },
         ..EngineConfig::default()
     };
     let notify = projector.clone();

@@ -3,6 +3,7 @@
 
 mod model;
 mod rules;
+mod usage;
 
 use tally_ledger::*;
 

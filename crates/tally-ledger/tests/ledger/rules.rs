@@ -189,7 +189,10 @@ fn every_rejection_changes_nothing() {
                 },
             ),
         ),
-        (Rejection::InvalidSetting, Command::Configure { settings: Settings { idempotency_retention_ms: 1000 } }),
+        (
+            Rejection::InvalidSetting,
+            Command::Configure { settings: Settings { idempotency_retention_ms: 1000, ..Settings::default() } },
+        ),
     ];
     for (expected, command) in cases {
         let mut state = fixture();
