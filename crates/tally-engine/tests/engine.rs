@@ -272,3 +272,88 @@ fn settings_are_journaled_so_a_replay_from_nothing_matches() {
     let report = tally_store::deep_check(&mut SqliteStore::open(&path).unwrap(), |_, _| {}).unwrap();
     assert!(report.problems.is_empty(), "{:?}", report.problems);
 }
+
+/// A merchant (org 1, wallet 1) with a `calls` meter at 0.10, and a consumer (org 2,
+/// wallet 2) with 1.00, subscribed.
+fn billing_setup(handle: &Handle) {
+    setup(handle, 2);
+    handle
+        .execute(Command::UpdateOrganization {
+            organization: OrganizationId(1),
+            roles: Roles { merchant: true, consumer: false },
+            billing: None,
+        })
+        .unwrap();
+    handle.execute(credit(2, "1.00", "fund")).unwrap();
+    handle
+        .execute(Command::CreateMeter {
+            merchant: OrganizationId(1),
+            code: "calls".into(),
+            unit: "call".into(),
+            aggregation: billing::Aggregation::Count,
+            product: None,
+        })
+        .unwrap();
+    let unit_price = Amount::parse("0.10").unwrap();
+    let spec = billing::PlanSpec {
+        merchant: OrganizationId(1),
+        name: "calls".into(),
+        currency: usd(),
+        period: billing::BillingPeriod::Month,
+        recurring_fee: None,
+        prices: vec![billing::Price { meter: MeterId(1), model: billing::PriceModel::PerUnit { unit_price } }],
+        platform_fee: None,
+        replaces: None,
+    };
+    handle.execute(Command::CreatePlan { spec }).unwrap();
+    handle.execute(Command::Subscribe { consumer: OrganizationId(2), plan: PlanId(1) }).unwrap();
+}
+
+fn call(id: &str, at: Timestamp) -> Command {
+    Command::Usage {
+        merchant: OrganizationId(1),
+        events: vec![UsageEvent {
+            key: IdempotencyKey::new("usage:org_1", id).unwrap(),
+            consumer: OrganizationId(2),
+            meter: "calls".into(),
+            quantity: billing::Quantity::ONE,
+            at,
+            properties: Vec::new(),
+            reservation: None,
+            finish: false,
+        }],
+    }
+}
+
+fn usage_outcome(receipt: Receipt) -> Result<UsageCharge, Rejection> {
+    match receipt {
+        Receipt::Usage { mut results } => results.remove(0),
+        other => panic!("usage answered {other:?}"),
+    }
+}
+
+#[test]
+fn usage_event_ids_stay_known_across_restarts_for_seven_days() {
+    for snapshot_on_shutdown in [true, false] {
+        let directory = tempfile::tempdir().unwrap();
+        let path = directory.path().join("t.db");
+        let clock = Arc::new(ManualClock::new(START));
+        let config = EngineConfig { snapshot_on_shutdown, ..EngineConfig::default() };
+        let engine = Engine::start(SqliteStore::open(&path).unwrap(), clock.clone(), config.clone(), None).unwrap();
+        let handle = engine.handle();
+        billing_setup(&handle);
+        assert!(usage_outcome(handle.execute(call("e1", START)).unwrap()).is_ok());
+        engine.shutdown();
+        // Six days later, after a restart (from a snapshot, or replaying the journal),
+        // the same event id is still a duplicate.
+        clock.advance(6 * 24 * 3600 * 1000);
+        let engine = Engine::start(SqliteStore::open(&path).unwrap(), clock.clone(), config, None).unwrap();
+        let handle = engine.handle();
+        let again = usage_outcome(handle.execute(call("e1", clock.now())).unwrap());
+        assert_eq!(again, Err(Rejection::DuplicateEvent), "snapshot_on_shutdown = {snapshot_on_shutdown}");
+        assert_eq!(balance(&handle, 2), "0.90");
+        assert!(usage_outcome(handle.execute(call("e2", clock.now())).unwrap()).is_ok());
+        assert_eq!(balance(&handle, 2), "0.80");
+        engine.shutdown();
+    }
+}

@@ -568,6 +568,8 @@ impl Receipt {
 #[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
 pub struct UsageCharge {
     pub subscription: SubscriptionId,
+    /// The start of the subscription period the event was rated in.
+    pub period_start: Timestamp,
     pub meter: MeterId,
     pub product: Option<ProductId>,
     /// The quantity the event added to the period (1 for a counting meter).

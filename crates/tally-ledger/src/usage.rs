@@ -481,6 +481,7 @@ impl State {
         let low_balance = amount > 0 && self.note_low_balance(wallet);
         Ok(UsageCharge {
             subscription: id,
+            period_start: self.subscriptions[index(id.0)].period_start,
             meter: meter_id,
             product,
             quantity,

@@ -3,6 +3,7 @@
 //! headers, and answers with JSON or `application/problem+json`.
 
 mod auth;
+mod billing;
 mod error;
 pub mod time;
 mod views;
@@ -175,6 +176,7 @@ fn api_router() -> utoipa_axum::router::OpenApiRouter<Arc<AppState>> {
         .routes(routes!(get_operation))
         .routes(routes!(create_api_key, list_api_keys))
         .routes(routes!(revoke_api_key))
+        .merge(billing::routes())
 }
 
 /// Serves until `shutdown` resolves, then stops taking connections and finishes the

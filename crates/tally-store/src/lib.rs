@@ -12,7 +12,7 @@ mod sqlite;
 pub use api_keys::{ApiKeyRecord, ApiKeys};
 pub use check::{deep_check, CheckReport};
 pub use codec::{decode_commands, decode_receipts, FORMAT_VERSION};
-pub use projector::{HistoryReader, Movement, MovementFilter, Projector, PAGE_SIZE_MAX};
+pub use projector::{ChargeDetail, HistoryReader, Movement, MovementFilter, Projector, UsageRecord, PAGE_SIZE_MAX};
 pub use sqlite::{encode_snapshot, history_path, SqliteStore};
 
 use tally_ledger::{Command, Receipt, State, Timestamp};

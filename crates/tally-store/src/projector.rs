@@ -12,9 +12,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
+use tally_ledger::billing::Quantity;
 use tally_ledger::{
-    Account, Amount, Command, GrantId, GrantPortion, IdempotencyKey, Operation, OperationId, Receipt, Timestamp,
-    WalletId,
+    Account, Amount, Command, GrantId, GrantPortion, HoldId, IdempotencyKey, MeterId, Operation, OperationId,
+    ProductId, Receipt, SubscriptionId, Timestamp, WalletId,
 };
 
 /// Journal records projected per transaction: large enough to amortise the fsync,
@@ -136,6 +137,65 @@ fn parse_grants(text: &str) -> Vec<GrantPortion> {
         .collect()
 }
 
+/// Records charged usage events and what each charge was for.
+fn project_billing(
+    command: &Command,
+    receipt: &Receipt,
+    seq: u64,
+    insert_usage: &mut rusqlite::CachedStatement<'_>,
+    insert_charge: &mut rusqlite::CachedStatement<'_>,
+) -> Result<(), StoreError> {
+    match (command, receipt) {
+        (Command::Usage { events, .. }, Receipt::Usage { results }) => {
+            for (event, result) in events.iter().zip(results) {
+                let Ok(charge) = result else { continue };
+                let operation = charge.operation.as_ref();
+                insert_usage.execute(params![
+                    &event.key.0.to_le_bytes()[..],
+                    seq as i64,
+                    charge.subscription.0 as i64,
+                    charge.meter.0 as i64,
+                    charge.dimension.map(i64::from),
+                    charge.period_start,
+                    event.at,
+                    charge.quantity.0.to_string(),
+                    charge.amount.units().to_string(),
+                    charge.fee.units().to_string(),
+                    operation.map(|o| o.id.0 as i64),
+                    charge.reservation.map(|h| h.0 as i64),
+                    charge.released.map(|r| r.units().to_string()),
+                    operation.map(|o| o.legs[0].balance_after.units().to_string()),
+                ])?;
+                if let Some(operation) = operation {
+                    insert_charge.execute(params![
+                        operation.id.0 as i64,
+                        charge.subscription.0 as i64,
+                        charge.product.map(|p| p.0 as i64),
+                        charge.meter.0 as i64,
+                    ])?;
+                }
+            }
+        }
+        (_, Receipt::Subscription { subscription, fee: Some(operation), .. }) => {
+            insert_charge.execute(params![operation.id.0 as i64, subscription.0 as i64, None::<i64>, None::<i64>])?;
+        }
+        (_, Receipt::Expired { renewals, .. }) => {
+            for renewal in renewals {
+                if let Some(operation) = &renewal.fee {
+                    insert_charge.execute(params![
+                        operation.id.0 as i64,
+                        renewal.subscription.0 as i64,
+                        None::<i64>,
+                        None::<i64>
+                    ])?;
+                }
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
 /// Projects up to a batch of journal records after `after`; returns the new watermark.
 fn project_some(connection: &mut Connection, after: u64) -> Result<Option<u64>, StoreError> {
     let transaction = connection.transaction()?;
@@ -153,6 +213,14 @@ fn project_some(connection: &mut Connection, after: u64) -> Result<Option<u64>, 
             "INSERT OR REPLACE INTO movements (wallet_id, operation_id, kind, at, amount, balance_after, grants)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
         )?;
+        let mut insert_usage = transaction.prepare_cached(
+            "INSERT OR REPLACE INTO usage_records (key, seq, subscription, meter, dimension, period_start, event_at,
+                quantity, amount, fee, operation_id, reservation, released, balance_after)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+        )?;
+        let mut insert_charge = transaction.prepare_cached(
+            "INSERT OR REPLACE INTO charge_details (operation_id, subscription, product, meter) VALUES (?1, ?2, ?3, ?4)",
+        )?;
         let mut rows = select.query(params![after as i64, PROJECTION_BATCH_RECORDS])?;
         while let Some(row) = rows.next()? {
             let seq = row.get::<_, i64>(0)? as u64;
@@ -162,6 +230,9 @@ fn project_some(connection: &mut Connection, after: u64) -> Result<Option<u64>, 
                 if let Command::Move { key, .. } | Command::MoveAs { key, .. } = command {
                     insert_key.execute(params![&key.0.to_le_bytes()[..], seq as i64, position as i64])?;
                 }
+            }
+            for (command, receipt) in commands.iter().zip(&receipts) {
+                project_billing(command, receipt, seq, &mut insert_usage, &mut insert_charge)?;
             }
             for receipt in &receipts {
                 for operation in receipt.operations() {
@@ -218,6 +289,53 @@ pub struct MovementFilter {
     pub from: Option<Timestamp>,
     pub until: Option<Timestamp>,
     pub limit: u32,
+}
+
+/// A charged usage event as history keeps it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UsageRecord {
+    pub subscription: SubscriptionId,
+    pub meter: MeterId,
+    pub dimension: Option<u16>,
+    pub period_start: Timestamp,
+    pub event_at: Timestamp,
+    pub quantity: Quantity,
+    pub amount: Amount,
+    pub fee: Amount,
+    pub operation: Option<OperationId>,
+    pub reservation: Option<HoldId>,
+    pub released: Option<Amount>,
+    pub balance_after: Option<Amount>,
+}
+
+/// What a charge was for: the subscription, and the product and meter of usage (none
+/// for a recurring fee).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ChargeDetail {
+    pub subscription: SubscriptionId,
+    pub product: Option<ProductId>,
+    pub meter: Option<MeterId>,
+}
+
+const USAGE_SELECT: &str = "SELECT subscription, meter, dimension, period_start, event_at, quantity, amount, fee,
+    operation_id, reservation, released, balance_after FROM usage_records";
+
+fn usage_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<UsageRecord> {
+    let units = |text: String| text.parse::<i128>().unwrap_or_default();
+    Ok(UsageRecord {
+        subscription: SubscriptionId(row.get::<_, i64>(0)? as u64),
+        meter: MeterId(row.get::<_, i64>(1)? as u64),
+        dimension: row.get::<_, Option<i64>>(2)?.map(|d| d as u16),
+        period_start: row.get(3)?,
+        event_at: row.get(4)?,
+        quantity: Quantity(units(row.get(5)?)),
+        amount: Amount::from_units(units(row.get(6)?)),
+        fee: Amount::from_units(units(row.get(7)?)),
+        operation: row.get::<_, Option<i64>>(8)?.map(|o| OperationId(o as u64)),
+        reservation: row.get::<_, Option<i64>>(9)?.map(|h| HoldId(h as u64)),
+        released: row.get::<_, Option<String>>(10)?.map(|r| Amount::from_units(units(r))),
+        balance_after: row.get::<_, Option<String>>(11)?.map(|b| Amount::from_units(units(b))),
+    })
 }
 
 /// Read-only queries of the projected history, on a connection of its own.
@@ -294,6 +412,75 @@ impl HistoryReader {
         let mut receipts = codec::decode_receipts(&receipts, seq as u64)?;
         let position = position as usize;
         Ok((position < receipts.len()).then(|| receipts.swap_remove(position)))
+    }
+
+    /// The record of a charged usage event, by the digest of its id.
+    pub fn usage_record(&self, key: IdempotencyKey) -> Result<Option<UsageRecord>, StoreError> {
+        let mut statement = self.connection.prepare_cached(&format!("{USAGE_SELECT} WHERE key = ?1"))?;
+        Ok(statement.query_row(params![&key.0.to_le_bytes()[..]], usage_row).optional()?)
+    }
+
+    /// Every charged usage event of a subscription's period, oldest first (at most
+    /// `limit`).
+    pub fn usage_of_period(
+        &self,
+        subscription: SubscriptionId,
+        period_start: Timestamp,
+        limit: u32,
+    ) -> Result<Vec<UsageRecord>, StoreError> {
+        let mut statement = self.connection.prepare_cached(&format!(
+            "{USAGE_SELECT} WHERE subscription = ?1 AND period_start = ?2 ORDER BY seq, event_at LIMIT ?3"
+        ))?;
+        let rows = statement.query_map(params![subscription.0 as i64, period_start, i64::from(limit)], usage_row)?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    }
+
+    /// A wallet's balance just before `at`: the balance after its last earlier movement.
+    pub fn balance_before(&self, wallet: WalletId, at: Timestamp) -> Result<Amount, StoreError> {
+        let found: Option<String> = self
+            .connection
+            .query_row(
+                "SELECT balance_after FROM movements WHERE wallet_id = ?1 AND at < ?2
+                 ORDER BY operation_id DESC LIMIT 1",
+                params![wallet.0 as i64, at],
+                |row| row.get(0),
+            )
+            .optional()?;
+        Ok(Amount::from_units(found.and_then(|text| text.parse().ok()).unwrap_or(0)))
+    }
+
+    /// Every movement of a wallet in [from, until), oldest first, with what each charge
+    /// was for; at most `limit`.
+    pub fn statement_lines(
+        &self,
+        wallet: WalletId,
+        from: Timestamp,
+        until: Timestamp,
+        limit: u32,
+    ) -> Result<Vec<(Movement, Option<ChargeDetail>)>, StoreError> {
+        let mut statement = self.connection.prepare_cached(
+            "SELECT m.operation_id, m.kind, m.at, m.amount, m.balance_after, m.grants, c.subscription, c.product, c.meter
+             FROM movements m LEFT JOIN charge_details c ON c.operation_id = m.operation_id
+             WHERE m.wallet_id = ?1 AND m.at >= ?2 AND m.at < ?3 ORDER BY m.operation_id LIMIT ?4",
+        )?;
+        let rows = statement.query_map(params![wallet.0 as i64, from, until, i64::from(limit)], |row| {
+            let movement = Movement {
+                wallet,
+                operation: OperationId(row.get::<_, i64>(0)? as u64),
+                kind: row.get(1)?,
+                at: row.get(2)?,
+                amount: Amount::from_units(row.get::<_, String>(3)?.parse().unwrap_or_default()),
+                balance_after: Amount::from_units(row.get::<_, String>(4)?.parse().unwrap_or_default()),
+                grants: parse_grants(&row.get::<_, String>(5)?),
+            };
+            let detail = row.get::<_, Option<i64>>(6)?.map(|subscription| ChargeDetail {
+                subscription: SubscriptionId(subscription as u64),
+                product: row.get::<_, Option<i64>>(7).ok().flatten().map(|p| ProductId(p as u64)),
+                meter: row.get::<_, Option<i64>>(8).ok().flatten().map(|m| MeterId(m as u64)),
+            });
+            Ok((movement, detail))
+        })?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
     }
 
     /// One operation with all its legs.

@@ -34,7 +34,8 @@ const MIGRATIONS: &[&str] = &["CREATE TABLE journal (
 
 /// Migrations of the history database, a file of its own beside the ledger's, so the
 /// projector's writes never wait for (or hold up) the committer's.
-pub(crate) const HISTORY_MIGRATIONS: &[&str] = &["CREATE TABLE projection (
+pub(crate) const HISTORY_MIGRATIONS: &[&str] = &[
+    "CREATE TABLE projection (
         id INTEGER PRIMARY KEY CHECK (id = 1),
         seq INTEGER NOT NULL
     );
@@ -61,7 +62,33 @@ pub(crate) const HISTORY_MIGRATIONS: &[&str] = &["CREATE TABLE projection (
         key BLOB PRIMARY KEY,
         seq INTEGER NOT NULL,
         position INTEGER NOT NULL
-    ) WITHOUT ROWID;"];
+    ) WITHOUT ROWID;",
+    // Usage billing: one row per charged usage event (the key is the digest of the
+    // merchant's event id), and what each charge was for, for statements.
+    "CREATE TABLE usage_records (
+        key BLOB PRIMARY KEY,
+        seq INTEGER NOT NULL,
+        subscription INTEGER NOT NULL,
+        meter INTEGER NOT NULL,
+        dimension INTEGER,
+        period_start INTEGER NOT NULL,
+        event_at INTEGER NOT NULL,
+        quantity TEXT NOT NULL,
+        amount TEXT NOT NULL,
+        fee TEXT NOT NULL,
+        operation_id INTEGER,
+        reservation INTEGER,
+        released TEXT,
+        balance_after TEXT
+    ) WITHOUT ROWID;
+    CREATE INDEX usage_by_period ON usage_records (subscription, period_start);
+    CREATE TABLE charge_details (
+        operation_id INTEGER PRIMARY KEY,
+        subscription INTEGER NOT NULL,
+        product INTEGER,
+        meter INTEGER
+    );",
+];
 
 /// The history database's file: `tally.db` keeps its history in `tally.history.db`.
 pub fn history_path(path: &Path) -> PathBuf {

@@ -1,0 +1,121 @@
+//! The black-box test server shared by the API test files.
+
+#![allow(dead_code)]
+
+use reqwest::{Client, StatusCode};
+use serde_json::{json, Value};
+use std::sync::Arc;
+use tally_engine::{Clock, Engine, EngineConfig, SystemClock};
+use tally_server::{generate_key, AppState, KeyRing};
+use tally_store::{ApiKeys, HistoryReader, Projector, SqliteStore};
+
+pub struct Server {
+    pub base: String,
+    pub admin: String,
+    pub client: Client,
+    pub state: Arc<AppState>,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    engine: Option<Engine>,
+    _directory: tempfile::TempDir,
+}
+
+impl Server {
+    pub async fn start() -> Server {
+        let directory = tempfile::tempdir().unwrap();
+        let path = directory.path().join("api.db");
+        let store = SqliteStore::open(&path).unwrap();
+        let projector = Arc::new(Projector::spawn(&path).unwrap());
+        let notify = projector.clone();
+        let clock = Arc::new(SystemClock);
+        let engine =
+            Engine::start(store, clock.clone(), EngineConfig::default(), Some(Box::new(move |_| notify.notify())))
+                .unwrap();
+        let keys = KeyRing::new(ApiKeys::open(&path).unwrap()).unwrap();
+        let admin = keys.insert(generate_key(None, true, "test", clock.now(), None)).unwrap().secret;
+        let state =
+            Arc::new(AppState::new(engine.handle(), projector, HistoryReader::open(&path).unwrap(), keys, clock));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let (shutdown, signal) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(tally_server::serve(listener, state.clone(), async move {
+            let _ = signal.await;
+        }));
+        Server {
+            base,
+            admin,
+            client: Client::new(),
+            state,
+            shutdown: Some(shutdown),
+            engine: Some(engine),
+            _directory: directory,
+        }
+    }
+
+    pub async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        key: &str,
+        idempotency: Option<&str>,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
+        let mut request = self
+            .client
+            .request(method.parse().unwrap(), format!("{}{}", self.base, path))
+            .header("Authorization", format!("Bearer {key}"));
+        if let Some(idempotency) = idempotency {
+            request = request.header("Idempotency-Key", idempotency);
+        }
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.unwrap();
+        let status = response.status();
+        let text = response.text().await.unwrap();
+        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    }
+
+    pub async fn post(&self, path: &str, key: &str, idempotency: Option<&str>, body: Value) -> (StatusCode, Value) {
+        self.call("POST", path, key, idempotency, Some(body)).await
+    }
+
+    pub async fn get(&self, path: &str, key: &str) -> (StatusCode, Value) {
+        self.call("GET", path, key, None, None).await
+    }
+
+    /// An organization with a USD wallet; returns (org id, wallet id, org key).
+    pub async fn organization(&self, name: &str) -> (String, String, String) {
+        let (status, org) = self.post("/v1/organizations", &self.admin, None, json!({"name": name})).await;
+        assert_eq!(status, StatusCode::CREATED, "{org}");
+        let org = org["id"].as_str().unwrap().to_string();
+        let (status, wallet) =
+            self.post(&format!("/v1/organizations/{org}/wallets"), &self.admin, None, json!({"currency": "USD"})).await;
+        assert_eq!(status, StatusCode::CREATED, "{wallet}");
+        let (status, key) = self.post("/v1/api-keys", &self.admin, None, json!({"organization": org})).await;
+        assert_eq!(status, StatusCode::CREATED, "{key}");
+        (org, wallet["id"].as_str().unwrap().to_string(), key["secret"].as_str().unwrap().to_string())
+    }
+
+    pub async fn credit(&self, wallet: &str, amount: &str, key: &str) {
+        let (status, body) = self
+            .post(
+                &format!("/v1/wallets/{wallet}/adjustments"),
+                &self.admin,
+                Some(key),
+                json!({"direction": "credit", "amount": amount, "currency": "USD", "reason": "test"}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+    }
+
+    pub async fn wallet(&self, wallet: &str) -> Value {
+        self.get(&format!("/v1/wallets/{wallet}"), &self.admin).await.1
+    }
+
+    pub async fn stop(mut self) {
+        let _ = self.shutdown.take().unwrap().send(());
+        let engine = self.engine.take().unwrap();
+        tokio::task::spawn_blocking(move || engine.shutdown()).await.unwrap();
+        drop(self.state);
+    }
+}
