@@ -1128,10 +1128,11 @@ impl State {
         [first, second]
     }
 
-    /// Makes room for `additional` idempotency keys ahead of time; capacity only, so
+    /// Makes room for `additional` idempotency keys and usage event ids ahead of time; capacity only, so
     /// it changes no decision.
     pub fn reserve_idempotency_keys(&mut self, additional: usize) {
         self.idempotency.reserve(additional);
+        self.usage_keys.reserve(additional);
     }
 
     /// Starts a new generation of idempotency keys once the current one is as old as the

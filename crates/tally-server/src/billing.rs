@@ -175,35 +175,72 @@ fn subscription_view(state: &State, subscription: &Subscription) -> Value {
     })
 }
 
+/// Where part of a charge came from: a grant, or the main balance.
+#[derive(serde::Serialize)]
+struct ChargePart {
+    source: String,
+    amount: String,
+}
+
+/// A charged event as the API shows it. Typed rather than built as a JSON value: a batch
+/// answers with ten thousand of these.
+#[derive(serde::Serialize)]
+struct ChargeAnswer<'a> {
+    event_id: &'a str,
+    status: &'static str,
+    subscription: String,
+    quantity: String,
+    amount: String,
+    platform_fee: String,
+    currency: &'a str,
+    operation: Option<String>,
+    charges: Vec<ChargePart>,
+    balance_after: Option<String>,
+    reservation: Option<String>,
+    reservation_released: Option<String>,
+    low_balance: bool,
+}
+
 /// A charged event as the API shows it, from the ledger's receipt.
 fn charge_view(event_id: &str, charge: &UsageCharge, currency: Currency) -> Value {
+    serde_json::to_value(charge_answer(event_id, charge, &currency)).unwrap_or(Value::Null)
+}
+
+fn charge_answer<'a>(event_id: &'a str, charge: &UsageCharge, currency: &'a Currency) -> ChargeAnswer<'a> {
+    let currency_value = *currency;
     let leg = charge.operation.as_ref().map(|o| &o.legs[0]);
     let from_grants: i128 = leg.map_or(0, |l| l.grants.iter().map(|g| -g.amount.units()).sum());
-    let mut charges: Vec<Value> = leg.map_or_else(Vec::new, |l| {
+    let mut charges: Vec<ChargePart> = leg.map_or_else(Vec::new, |l| {
         l.grants
             .iter()
-            .map(|g| json!({"source": g.grant.to_string(), "amount": format_amount(Amount::from_units(-g.amount.units()), currency)}))
+            .map(|g| ChargePart {
+                source: g.grant.to_string(),
+                amount: format_amount(Amount::from_units(-g.amount.units()), currency_value),
+            })
             .collect()
     });
     let main = charge.amount.units() - from_grants;
     if main > 0 {
-        charges.push(json!({"source": "main", "amount": format_amount(Amount::from_units(main), currency)}));
+        charges.push(ChargePart {
+            source: "main".into(),
+            amount: format_amount(Amount::from_units(main), currency_value),
+        });
     }
-    json!({
-        "event_id": event_id,
-        "status": "charged",
-        "subscription": charge.subscription.to_string(),
-        "quantity": charge.quantity.format(),
-        "amount": format_amount(charge.amount, currency),
-        "platform_fee": format_amount(charge.fee, currency),
-        "currency": currency.code(),
-        "operation": charge.operation.as_ref().map(|o| o.id.to_string()),
-        "charges": charges,
-        "balance_after": leg.map(|l| format_amount(l.balance_after, currency)),
-        "reservation": charge.reservation.map(|h| h.to_string()),
-        "reservation_released": charge.released.map(|r| format_amount(r, currency)),
-        "low_balance": charge.low_balance,
-    })
+    ChargeAnswer {
+        event_id,
+        status: "charged",
+        subscription: charge.subscription.to_string(),
+        quantity: charge.quantity.format(),
+        amount: format_amount(charge.amount, currency_value),
+        platform_fee: format_amount(charge.fee, currency_value),
+        currency: currency.code(),
+        operation: charge.operation.as_ref().map(|o| o.id.to_string()),
+        charges,
+        balance_after: leg.map(|l| format_amount(l.balance_after, currency_value)),
+        reservation: charge.reservation.map(|h| h.to_string()),
+        reservation_released: charge.released.map(|r| format_amount(r, currency_value)),
+        low_balance: charge.low_balance,
+    }
 }
 
 /// The first result of a duplicate event, from history.
@@ -677,18 +714,26 @@ fn usage_event(app: &AppState, merchant: OrganizationId, body: UsageBody) -> Res
     })
 }
 
-/// Renders one event's outcome; a duplicate is answered with its first result.
+/// One event's outcome: charged (rendered late, typed), or a refusal already rendered.
+/// Most outcomes are charges, so boxing the large variant would only add allocations.
+#[allow(clippy::large_enum_variant)]
+enum Outcome {
+    Charged(UsageCharge, Currency),
+    Refused(u16, Value),
+}
+
+/// Renders one event's refusal; a duplicate is answered with its first result.
 async fn usage_outcome(
     app: &Arc<AppState>,
     event_id: &str,
     key: IdempotencyKey,
     outcome: Result<UsageCharge, Rejection>,
     currency_of: &BTreeMap<SubscriptionId, Currency>,
-) -> Result<(u16, Value), ApiError> {
+) -> Result<Outcome, ApiError> {
     match outcome {
         Ok(charge) => {
             let currency = currency_of.get(&charge.subscription).copied().unwrap_or(Currency::parse("USD").unwrap());
-            Ok((201, charge_view(event_id, &charge, currency)))
+            Ok(Outcome::Charged(charge, currency))
         }
         Err(Rejection::DuplicateEvent) => {
             let record = app.history(move |reader| reader.usage_record(key)).await?;
@@ -706,14 +751,14 @@ async fn usage_outcome(
                 None => Value::Null,
             };
             let rejection = Rejection::DuplicateEvent;
-            Ok((
+            Ok(Outcome::Refused(
                 409,
                 json!({"event_id": event_id, "status": "duplicate", "code": rejection.code(), "detail": rejection.to_string(), "original": original}),
             ))
         }
         Err(rejection) => {
             let status = crate::error::status_of(rejection.code()).as_u16();
-            Ok((
+            Ok(Outcome::Refused(
                 status,
                 json!({"event_id": event_id, "status": "rejected", "code": rejection.code(), "detail": rejection.to_string()}),
             ))
@@ -727,7 +772,7 @@ async fn run_usage(
     merchant: OrganizationId,
     ids: Vec<String>,
     events: Vec<UsageEvent>,
-) -> Result<Vec<(u16, Value)>, ApiError> {
+) -> Result<Vec<Outcome>, ApiError> {
     let keys: Vec<IdempotencyKey> = events.iter().map(|e| e.key).collect();
     let Receipt::Usage { results } = app.execute(Command::Usage { merchant, events }).await? else {
         return Err(ApiError::new("internal", "unexpected receipt"));
@@ -764,7 +809,10 @@ async fn report_usage(AxumState(app): App, headers: HeaderMap, ApiJson(body): Ap
     let merchant = merchant_of(&caller, None)?;
     let event_id = body.event_id.clone();
     let event = usage_event(&app, merchant, body)?;
-    let (status, answer) = run_usage(&app, merchant, vec![event_id], vec![event]).await?.remove(0);
+    let (status, answer) = match run_usage(&app, merchant, vec![event_id.clone()], vec![event]).await?.remove(0) {
+        Outcome::Charged(charge, currency) => (201, charge_view(&event_id, &charge, currency)),
+        Outcome::Refused(status, answer) => (status, answer),
+    };
     if status >= 400 && status != 409 {
         let code = answer["code"].as_str().unwrap_or("internal");
         let rejection = Rejection::ALL.iter().find(|r| r.code() == code).copied();
@@ -791,10 +839,32 @@ async fn report_usage_batch(AxumState(app): App, headers: HeaderMap, ApiJson(bod
             e
         })?);
     }
-    let answers = run_usage(&app, merchant, ids, events).await?;
-    let charged = answers.iter().filter(|(status, _)| *status == 201).count();
-    let results: Vec<Value> = answers.into_iter().map(|(_, answer)| answer).collect();
-    Ok(ok(json!({"object": "usage_batch", "charged": charged, "refused": results.len() - charged, "results": results})))
+    let answers = run_usage(&app, merchant, ids.clone(), events).await?;
+    let charged = answers.iter().filter(|outcome| matches!(outcome, Outcome::Charged(..))).count();
+    #[derive(serde::Serialize)]
+    #[serde(untagged)]
+    #[allow(clippy::large_enum_variant)]
+    enum Item<'a> {
+        Charged(ChargeAnswer<'a>),
+        Refused(&'a Value),
+    }
+    #[derive(serde::Serialize)]
+    struct BatchAnswer<'a> {
+        object: &'static str,
+        charged: usize,
+        refused: usize,
+        results: Vec<Item<'a>>,
+    }
+    let results: Vec<Item<'_>> = answers
+        .iter()
+        .zip(&ids)
+        .map(|(outcome, id)| match outcome {
+            Outcome::Charged(charge, currency) => Item::Charged(charge_answer(id, charge, currency)),
+            Outcome::Refused(_, answer) => Item::Refused(answer),
+        })
+        .collect();
+    let answer = BatchAnswer { object: "usage_batch", charged, refused: results.len() - charged, results };
+    Ok((StatusCode::OK, Json(answer)).into_response())
 }
 
 // ---- access checks ----

@@ -21,7 +21,10 @@ pub enum Workload {
     HoldCapture,
     /// Credit a consumer from external funding.
     TopUp,
-    /// Charge, hold-capture and top-up, one after the other.
+    /// A usage event per request, rated against the consumer's subscription (per-unit
+    /// token price) and charged to the merchant less the platform fee: the real rating path.
+    Usage,
+    /// Charge, hold-capture, top-up and usage, one after the other.
     All,
     /// Charges without a final snapshot, then the time to load the state again.
     Restart,
@@ -237,6 +240,80 @@ impl World {
         self.wallet_commands().chain(self.funding_commands())
     }
 
+    /// Merchants get the merchant role, a `tokens` meter (meter id = merchant index)
+    /// and a plan at 0.00002 per token with a 2.5% fee (plan id = merchant index);
+    /// every consumer subscribes to the hot merchant and to one other.
+    fn usage_setup_commands(&self) -> impl Iterator<Item = Command> + '_ {
+        let merchants = (1..=self.merchants).flat_map(move |index| {
+            let organization = OrganizationId(self.consumers + index);
+            [
+                Command::UpdateOrganization {
+                    organization,
+                    roles: Roles { merchant: true, consumer: false },
+                    billing: None,
+                },
+                Command::CreateMeter {
+                    merchant: organization,
+                    code: "tokens".into(),
+                    unit: "token".into(),
+                    aggregation: billing::Aggregation::Sum,
+                    product: None,
+                },
+                Command::CreatePlan {
+                    spec: billing::PlanSpec {
+                        merchant: organization,
+                        name: "tokens".into(),
+                        currency: usd(),
+                        period: billing::BillingPeriod::Month,
+                        recurring_fee: None,
+                        prices: vec![billing::Price {
+                            meter: MeterId(index),
+                            model: billing::PriceModel::PerUnit { unit_price: Amount::from_units(20_000_000) },
+                        }],
+                        platform_fee: Some(PartsPerMillion(25_000)),
+                        replaces: None,
+                    },
+                },
+            ]
+        });
+        let subscriptions = (1..=self.consumers).flat_map(move |consumer| {
+            let mut commands = vec![Command::Subscribe { consumer: OrganizationId(consumer), plan: PlanId(1) }];
+            if self.merchants > 1 {
+                commands.push(Command::Subscribe {
+                    consumer: OrganizationId(consumer),
+                    plan: PlanId(self.other_merchant(consumer)),
+                });
+            }
+            commands
+        });
+        merchants.chain(subscriptions)
+    }
+
+    /// The merchant index (2..=merchants) a consumer subscribes to besides the hot one.
+    fn other_merchant(&self, consumer: u64) -> u64 {
+        2 + consumer % (self.merchants - 1)
+    }
+
+    /// One usage event of 1 to 5,000 tokens; half go to the hot merchant.
+    fn usage(&self, rng: &mut SmallRng, index: u64, at: Timestamp) -> Command {
+        let consumer = self.consumer(rng).0;
+        let merchant = if self.merchants == 1 || rng.gen_bool(0.5) { 1 } else { self.other_merchant(consumer) };
+        let organization = OrganizationId(self.consumers + merchant);
+        Command::Usage {
+            merchant: organization,
+            events: vec![UsageEvent {
+                key: IdempotencyKey::new(&organization.to_string(), &index.to_string()).expect("short key"),
+                consumer: OrganizationId(consumer),
+                meter: "tokens".into(),
+                quantity: billing::Quantity(i128::from(rng.gen_range(1..=5_000u32)) * 1_000_000_000_000),
+                at,
+                properties: Vec::new(),
+                reservation: None,
+                finish: false,
+            }],
+        }
+    }
+
     fn charge(&self, rng: &mut SmallRng, key: IdempotencyKey) -> Command {
         Command::Move {
             key,
@@ -296,7 +373,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     ensure!(args.batch_size_max >= 1, "--batch-size-max must be at least 1");
     let world = World { consumers: args.consumers, merchants: args.merchants };
     let workloads: Vec<Workload> = match args.workload {
-        Workload::All => vec![Workload::Charge, Workload::HoldCapture, Workload::TopUp],
+        Workload::All => vec![Workload::Charge, Workload::HoldCapture, Workload::TopUp, Workload::Usage],
         other => vec![other],
     };
     match args.storage {
@@ -337,6 +414,11 @@ fn run_state_machine(args: &BenchArgs, world: &World, workloads: &[Workload]) ->
         state.apply(&command, now).map_err(|r| anyhow::anyhow!("setup rejected: {}", r.code()))?;
     }
     let per_wallet_funded = rss_bytes("VmRSS:").saturating_sub(rss_before) as f64 / wallets as f64;
+    if workloads.contains(&Workload::Usage) {
+        for command in world.usage_setup_commands() {
+            state.apply(&command, now).map_err(|r| anyhow::anyhow!("usage setup rejected: {}", r.code()))?;
+        }
+    }
     setup.finish_and_clear();
     state.reserve_idempotency_keys(IDEMPOTENCY_KEYS_RESERVED);
     let mut rng = SmallRng::seed_from_u64(7);
@@ -392,6 +474,7 @@ fn run_state_machine(args: &BenchArgs, world: &World, workloads: &[Workload]) ->
                             let key = key(&format!("{prefix}-{}", done + i));
                             match workload {
                                 Workload::TopUp => world.top_up(&mut rng, key),
+                                Workload::Usage => world.usage(&mut rng, done + i, now),
                                 _ => world.charge(&mut rng, key),
                             }
                         })
@@ -404,7 +487,7 @@ fn run_state_machine(args: &BenchArgs, world: &World, workloads: &[Workload]) ->
                         if let Some(ahead) = commands.get(index + PREFETCH_DISTANCE / 2) {
                             state.prefetch_dependent(ahead);
                         }
-                        if state.apply(command, now).is_err() {
+                        if !succeeded(state.apply(command, now)) {
                             errors += 1;
                         }
                     }
@@ -447,6 +530,7 @@ fn workload_name(workload: Workload) -> String {
         Workload::Charge => "charge",
         Workload::HoldCapture => "hold_capture",
         Workload::TopUp => "top_up",
+        Workload::Usage => "usage",
         Workload::All => "all",
         Workload::Restart => "restart",
     }
@@ -500,7 +584,10 @@ fn run_engine(args: &BenchArgs, world: &World, workloads: &[Workload]) -> anyhow
     let (engine, projector) = start_engine(&path, args, !restart)?;
     let handle = engine.handle();
     // Setup goes through the engine in large pipelined batches.
-    let setup_commands: Vec<Command> = world.setup_commands().collect();
+    let mut setup_commands: Vec<Command> = world.setup_commands().collect();
+    if workloads.contains(&Workload::Usage) {
+        setup_commands.extend(world.usage_setup_commands());
+    }
     let bar = progress(args, setup_commands.len() as u64, "setup");
     let tally = new_tally();
     for command in setup_commands {
@@ -576,7 +663,15 @@ fn wait_for_all(tally: &Tally) {
 fn submit(handle: &Handle, tally: &Arc<Tally>, command: Command, started: Instant) -> anyhow::Result<()> {
     tally.in_flight.fetch_add(1, Ordering::AcqRel);
     let counter = tally.clone();
-    let reply = Box::new(move |outcome: tally_engine::Outcome| counter.finish(started, outcome.is_ok()));
+    let reply = Box::new(move |outcome: tally_engine::Outcome| {
+        counter.finish(
+            started,
+            succeeded(outcome.map(|answer| match answer {
+                Answer::Receipt(receipt) => receipt,
+                Answer::Read(_) => Receipt::Configured,
+            })),
+        )
+    });
     if let Err(error) = handle.submit(Request::Command(command), reply) {
         tally.in_flight.fetch_sub(1, Ordering::AcqRel);
         tally.errors.fetch_add(1, Ordering::Relaxed);
@@ -623,6 +718,7 @@ fn drive(args: &BenchArgs, world: &World, handle: &Handle, workload: Workload, w
     let mut rng = SmallRng::seed_from_u64(match workload {
         Workload::Charge => 1,
         Workload::HoldCapture => 2,
+        Workload::Usage => 4,
         _ => 3,
     });
     let bar = progress(args, args.operations, &workload_name(workload));
@@ -662,6 +758,10 @@ fn drive(args: &BenchArgs, world: &World, handle: &Handle, workload: Workload, w
             Workload::TopUp => {
                 submit(handle, &tally, world.top_up(&mut rng, key(&format!("{prefix}-{index}"))), started)?
             }
+            Workload::Usage => {
+                let at = tally_engine::Clock::now(&SystemClock);
+                submit(handle, &tally, world.usage(&mut rng, index, at), started)?
+            }
             _ => submit(handle, &tally, world.charge(&mut rng, key(&format!("{prefix}-{index}"))), started)?,
         }
         if index % 4096 == 0 {
@@ -695,4 +795,13 @@ fn drive(args: &BenchArgs, world: &World, handle: &Handle, workload: Workload, w
         restart_s: None,
         restart_replayed_commands: None,
     })
+}
+
+/// Whether a command succeeded; a usage command succeeds only if its events were charged.
+fn succeeded<E>(outcome: Result<Receipt, E>) -> bool {
+    match outcome {
+        Ok(Receipt::Usage { results }) => results.iter().all(|r| r.is_ok()),
+        Ok(_) => true,
+        Err(_) => false,
+    }
 }

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# HTTP usage-billing benchmark: `tally serve` on a fresh temporary database, wrk on the
+# same machine over loopback: usage batches of 10,000 events (4 connections), single
+# usage events (64 connections), access checks (64 connections).
+# Needs wrk (Debian package `wrk`). Env: DURATION (default 20s), CONSUMERS (default 200).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+DURATION="${DURATION:-20s}"
+export TALLY_CONSUMERS="${CONSUMERS:-200}"
+PORT="${PORT:-18182}"
+command -v wrk >/dev/null || { echo "wrk is missing: apt-get install -y wrk" >&2; exit 1; }
+cargo build --release --quiet
+tally=${CARGO_TARGET_DIR:-target}/release/tally
+data=$(mktemp -d)
+trap 'kill $server 2>/dev/null; wait $server 2>/dev/null; rm -rf "$data"' EXIT
+TALLY_LOG=warn "$tally" serve --data-dir "$data" --listen "127.0.0.1:$PORT" > "$data/out.txt" &
+server=$!
+for _ in $(seq 50); do grep -q tly_adm_ "$data/out.txt" 2>/dev/null && break; sleep 0.1; done
+admin=$(grep -o 'tly_adm_[0-9a-f]*' "$data/out.txt")
+api() { curl -sf -X "$1" "http://127.0.0.1:$PORT$2" -H "Authorization: Bearer ${KEY:-$admin}" -H 'content-type: application/json' ${3:+-H "Idempotency-Key: $3"} -d "$4"; }
+echo "== setup: a merchant (org_1), $TALLY_CONSUMERS funded consumers subscribed to its per-token plan"
+api POST /v1/organizations "" '{"name":"merchant","roles":{"merchant":true,"consumer":false}}' > /dev/null
+export TALLY_MERCHANT_KEY=$(api POST /v1/api-keys "" '{"organization":"org_1"}' | grep -o 'tly_org_[0-9a-f]*' | tail -1)
+KEY=$TALLY_MERCHANT_KEY api POST /v1/meters "" '{"code":"tokens","unit":"token","aggregation":"sum"}' > /dev/null
+api POST /v1/plans "" '{"merchant":"org_1","name":"tokens","currency":"USD","billing_period":"month","platform_fee_rate":"0.025","prices":[{"meter":"tokens","model":"per_unit","unit_price":"0.00002"}]}' > /dev/null
+for n in $(seq 2 $((TALLY_CONSUMERS + 1))); do
+  api POST /v1/organizations "" '{"name":"consumer"}' > /dev/null
+  wallet=$(api POST "/v1/organizations/org_$n/wallets" "" '{"currency":"USD"}' | grep -o '"id":"wal_[0-9]*"' | grep -o 'wal_[0-9]*')
+  api POST "/v1/wallets/$wallet/adjustments" "fund-$n" '{"direction":"credit","amount":"100000.00","currency":"USD","reason":"bench"}' > /dev/null
+  api POST /v1/subscriptions "" "{\"consumer\":\"org_$n\",\"plan\":\"pln_1\"}" > /dev/null
+done
+echo "== usage batches of 10,000 events: TALLY_BATCH=10000 wrk -t2 -c4 -d$DURATION --latency -s bench/http/usage.lua"
+TALLY_BATCH=10000 wrk -t2 -c4 -d"$DURATION" --timeout 30s --latency -s bench/http/usage.lua "http://127.0.0.1:$PORT" | grep -E "Latency|50%|99%|Requests/sec|requests in|Non-2xx|unexpected" | head -12
+echo "== single usage events: wrk -t2 -c64 -d$DURATION --latency -s bench/http/usage.lua"
+wrk -t2 -c64 -d"$DURATION" --latency -s bench/http/usage.lua "http://127.0.0.1:$PORT" | grep -E "Latency|50%|99%|Requests/sec|requests in|Non-2xx|unexpected" | head -12
+echo "== access checks: wrk -t2 -c64 -d$DURATION --latency -s bench/http/access-check.lua"
+wrk -t2 -c64 -d"$DURATION" --latency -s bench/http/access-check.lua "http://127.0.0.1:$PORT" | grep -E "Latency|50%|99%|Requests/sec|requests in|Non-2xx|unexpected" | head -12
