@@ -570,6 +570,7 @@ pub struct UsageCharge {
     pub subscription: SubscriptionId,
     /// The start of the subscription period the event was rated in.
     pub period_start: Timestamp,
+    pub currency: Currency,
     pub meter: MeterId,
     pub product: Option<ProductId>,
     /// The quantity the event added to the period (1 for a counting meter).

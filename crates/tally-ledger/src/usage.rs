@@ -482,6 +482,7 @@ impl State {
         Ok(UsageCharge {
             subscription: id,
             period_start: self.subscriptions[index(id.0)].period_start,
+            currency,
             meter: meter_id,
             product,
             quantity,

@@ -728,11 +728,10 @@ async fn usage_outcome(
     event_id: &str,
     key: IdempotencyKey,
     outcome: Result<UsageCharge, Rejection>,
-    currency_of: &BTreeMap<SubscriptionId, Currency>,
 ) -> Result<Outcome, ApiError> {
     match outcome {
         Ok(charge) => {
-            let currency = currency_of.get(&charge.subscription).copied().unwrap_or(Currency::parse("USD").unwrap());
+            let currency = charge.currency;
             Ok(Outcome::Charged(charge, currency))
         }
         Err(Rejection::DuplicateEvent) => {
@@ -777,27 +776,9 @@ async fn run_usage(
     let Receipt::Usage { results } = app.execute(Command::Usage { merchant, events }).await? else {
         return Err(ApiError::new("internal", "unexpected receipt"));
     };
-    let subscriptions: Vec<SubscriptionId> = {
-        let mut seen: Vec<SubscriptionId> =
-            results.iter().filter_map(|r| r.as_ref().ok().map(|c| c.subscription)).collect();
-        seen.sort_unstable();
-        seen.dedup();
-        seen
-    };
-    let currency_of: BTreeMap<SubscriptionId, Currency> = app
-        .read(move |state| {
-            subscriptions
-                .iter()
-                .filter_map(|id| {
-                    let wallet = state.wallet(state.subscription(*id)?.wallet)?;
-                    Some((*id, wallet.currency))
-                })
-                .collect()
-        })
-        .await?;
     let mut answers = Vec::with_capacity(results.len());
     for ((id, key), outcome) in ids.iter().zip(keys).zip(results) {
-        answers.push(usage_outcome(app, id, key, outcome, &currency_of).await?);
+        answers.push(usage_outcome(app, id, key, outcome).await?);
     }
     Ok(answers)
 }

@@ -1,5 +1,6 @@
-//! The API client subcommands: `tally orgs`, `tally wallets`, `tally adjust`, holds,
-//! transfers and movements, over HTTP with a key from the environment.
+//! The API client subcommands: organizations, wallets, adjustments, holds, transfers,
+//! movements, and usage billing (catalog, subscriptions, usage, access checks,
+//! summaries, statements), over HTTP with a key from the environment.
 
 use anyhow::Context;
 use rand::RngCore;
@@ -83,6 +84,64 @@ pub enum ClientCommand {
         #[arg(long, default_value_t = 20)]
         limit: u32,
     },
+    /// Create a product (merchant key, or admin with --merchant).
+    ProductCreate {
+        name: String,
+        #[arg(long)]
+        merchant: Option<String>,
+    },
+    /// Create a meter (merchant key, or admin with --merchant).
+    MeterCreate {
+        code: String,
+        #[arg(long)]
+        unit: String,
+        /// sum or count
+        #[arg(long, default_value = "sum")]
+        aggregation: String,
+        #[arg(long)]
+        product: Option<String>,
+        #[arg(long)]
+        merchant: Option<String>,
+    },
+    /// Create a plan from a JSON file with the body of POST /v1/plans.
+    PlanCreate { file: std::path::PathBuf },
+    /// Subscribe a consumer to a plan.
+    Subscribe {
+        consumer: String,
+        #[arg(long)]
+        plan: String,
+    },
+    /// Report one usage event (merchant key); the event id defaults to a random one.
+    Usage {
+        consumer: String,
+        #[arg(long)]
+        meter: String,
+        #[arg(long)]
+        quantity: String,
+        #[arg(long)]
+        event_id: Option<String>,
+        /// Event properties, as name=value (repeatable).
+        #[arg(long = "property")]
+        properties: Vec<String>,
+    },
+    /// Can a consumer afford this usage now (merchant key)?
+    AccessCheck {
+        consumer: String,
+        #[arg(long)]
+        meter: String,
+        #[arg(long)]
+        quantity: String,
+    },
+    /// A subscription's usage summary for the current period.
+    UsageSummary { subscription: String },
+    /// A wallet statement for [from, until) (RFC 3339).
+    Statement {
+        wallet: String,
+        #[arg(long)]
+        from: String,
+        #[arg(long)]
+        until: String,
+    },
 }
 
 pub fn run(args: ClientArgs, command: ClientCommand) -> anyhow::Result<()> {
@@ -132,6 +191,48 @@ pub fn run(args: ClientArgs, command: ClientCommand) -> anyhow::Result<()> {
         ),
         ClientCommand::Movements { wallet, limit } => {
             ("GET", format!("/v1/wallets/{wallet}/movements?limit={limit}"), None, false)
+        }
+        ClientCommand::ProductCreate { name, merchant } => {
+            ("POST", "/v1/products".to_string(), Some(json!({"name": name, "merchant": merchant})), false)
+        }
+        ClientCommand::MeterCreate { code, unit, aggregation, product, merchant } => (
+            "POST",
+            "/v1/meters".to_string(),
+            Some(
+                json!({"code": code, "unit": unit, "aggregation": aggregation, "product": product, "merchant": merchant}),
+            ),
+            false,
+        ),
+        ClientCommand::PlanCreate { file } => {
+            let text = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+            let body: Value = serde_json::from_str(&text).with_context(|| format!("{} is not JSON", file.display()))?;
+            ("POST", "/v1/plans".to_string(), Some(body), false)
+        }
+        ClientCommand::Subscribe { consumer, plan } => {
+            ("POST", "/v1/subscriptions".to_string(), Some(json!({"consumer": consumer, "plan": plan})), false)
+        }
+        ClientCommand::Usage { consumer, meter, quantity, event_id, properties } => {
+            let mut map = serde_json::Map::new();
+            for property in properties {
+                let (name, value) =
+                    property.split_once('=').with_context(|| format!("--property {property}: use name=value"))?;
+                map.insert(name.to_string(), value.into());
+            }
+            let body = json!({"event_id": event_id.unwrap_or_else(|| idempotency.clone()), "consumer": consumer,
+                              "meter": meter, "quantity": quantity, "properties": map});
+            ("POST", "/v1/usage".to_string(), Some(body), false)
+        }
+        ClientCommand::AccessCheck { consumer, meter, quantity } => (
+            "POST",
+            "/v1/access-checks".to_string(),
+            Some(json!({"consumer": consumer, "meter": meter, "quantity": quantity})),
+            false,
+        ),
+        ClientCommand::UsageSummary { subscription } => {
+            ("GET", format!("/v1/subscriptions/{subscription}/usage"), None, false)
+        }
+        ClientCommand::Statement { wallet, from, until } => {
+            ("GET", format!("/v1/wallets/{wallet}/statement?from={from}&until={until}"), None, false)
         }
     };
     let client = reqwest::blocking::Client::new();
