@@ -380,7 +380,20 @@ pub enum Command {
         merchant: OrganizationId,
         events: Vec<UsageEvent>,
     },
+    /// Records a fact from outside the ledger (a webhook endpoint disabled) in the
+    /// journal, so it takes its place in the one ordered event log. Moves nothing.
+    Notice {
+        kind: String,
+        /// None: the platform's.
+        organization: Option<OrganizationId>,
+        object: String,
+        /// The object's JSON.
+        data: String,
+    },
 }
+
+/// Longest notice payload, in bytes.
+pub const NOTICE_DATA_MAX: usize = 4096;
 
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -513,8 +526,10 @@ pub enum Receipt {
     Usage {
         results: Vec<Result<UsageCharge, Rejection>>,
     },
+    Noticed,
     Reserved {
         hold: HoldId,
+        wallet: WalletId,
         expires_at: Timestamp,
         amount: Amount,
     },

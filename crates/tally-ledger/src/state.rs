@@ -531,6 +531,17 @@ impl State {
                 Ok(Receipt::Configured)
             }
             Command::Tick => Ok(self.tick(now)),
+            Command::Notice { kind, organization, object, data } => {
+                text_ok(kind, false)?;
+                text_ok(object, false)?;
+                if data.len() > NOTICE_DATA_MAX {
+                    return Err(Rejection::TextLengthOutOfRange);
+                }
+                if organization.is_some_and(|o| self.organization(o).is_none()) {
+                    return Err(Rejection::OrganizationNotFound);
+                }
+                Ok(Receipt::Noticed)
+            }
             Command::CreateProduct { .. }
             | Command::CreateMeter { .. }
             | Command::CreatePlan { .. }

@@ -625,7 +625,9 @@ impl State {
             description: String::new(),
         };
         match self.apply_action(&hold, now)? {
-            Receipt::HoldPlaced { hold, expires_at } => Ok(Receipt::Reserved { hold, expires_at, amount: check.cost }),
+            Receipt::HoldPlaced { hold, expires_at } => {
+                Ok(Receipt::Reserved { hold, wallet: check.wallet, expires_at, amount: check.cost })
+            }
             other => unreachable!("placing a hold answers HoldPlaced, not {other:?}"),
         }
     }

@@ -65,6 +65,7 @@ pub fn status_of(code: &str) -> StatusCode {
         | "same_wallet"
         | "invalid_setting"
         | "invalid_quantity"
+        | "invalid_url"
         | "invalid_price"
         | "invalid_code"
         | "event_too_old"

@@ -7,6 +7,7 @@ mod billing;
 mod error;
 pub mod time;
 mod views;
+pub mod webhooks;
 
 pub use auth::{generate as generate_key, Caller, KeyRing, NewKey};
 pub use error::{status_of, ApiError};
@@ -45,6 +46,8 @@ pub struct AppState {
     pub clock: Arc<dyn Clock>,
     /// Idempotency keys whose first request is still executing.
     in_flight: Mutex<HashSet<u128>>,
+    /// Webhook endpoints and delivery, when enabled.
+    pub webhooks: Option<Arc<webhooks::Webhooks>>,
 }
 
 impl AppState {
@@ -55,7 +58,21 @@ impl AppState {
         keys: KeyRing,
         clock: Arc<dyn Clock>,
     ) -> AppState {
-        AppState { handle, projector, history: Mutex::new(history), keys, clock, in_flight: Mutex::new(HashSet::new()) }
+        AppState {
+            handle,
+            projector,
+            history: Mutex::new(history),
+            keys,
+            clock,
+            in_flight: Mutex::new(HashSet::new()),
+            webhooks: None,
+        }
+    }
+
+    /// Enables webhook endpoints and delivery (`serve` starts the delivery task).
+    pub fn with_webhooks(mut self, webhooks: webhooks::Webhooks) -> AppState {
+        self.webhooks = Some(Arc::new(webhooks));
+        self
     }
 
     async fn execute(&self, command: Command) -> Result<Receipt, ApiError> {
@@ -177,6 +194,7 @@ fn api_router() -> utoipa_axum::router::OpenApiRouter<Arc<AppState>> {
         .routes(routes!(create_api_key, list_api_keys))
         .routes(routes!(revoke_api_key))
         .merge(billing::routes())
+        .merge(webhooks::routes())
 }
 
 /// Serves until `shutdown` resolves, then stops taking connections and finishes the
@@ -186,7 +204,12 @@ pub async fn serve(
     state: Arc<AppState>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await
+    let dispatcher = webhooks::spawn_dispatcher(state.clone());
+    let served = axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await;
+    if let Some(dispatcher) = dispatcher {
+        dispatcher.abort();
+    }
+    served
 }
 
 // ---- request plumbing ----

@@ -141,7 +141,7 @@ pub fn money_answer(action: &MoneyAction, receipt: &Receipt) -> (u16, Value) {
         (_, Receipt::GrantVoided { grant, operation: posted }) => {
             (200, json!({"grant": grant.to_string(), "status": "voided", "operation": posted.as_ref().map(operation)}))
         }
-        (MoneyAction::Reserve { consumer, .. }, Receipt::Reserved { hold, expires_at, amount: held }) => (
+        (MoneyAction::Reserve { consumer, .. }, Receipt::Reserved { hold, expires_at, amount: held, .. }) => (
             201,
             json!({
                 "id": hold.to_string(),

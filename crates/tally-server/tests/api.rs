@@ -361,6 +361,15 @@ const ENDPOINTS: &[(&str, &str)] = &[
     ("post", "/v1/usage/batch"),
     ("post", "/v1/access-checks"),
     ("get", "/v1/wallets/{id}/statement"),
+    ("get", "/v1/events"),
+    ("post", "/v1/webhook-endpoints"),
+    ("get", "/v1/webhook-endpoints"),
+    ("get", "/v1/webhook-endpoints/{id}"),
+    ("post", "/v1/webhook-endpoints/{id}"),
+    ("delete", "/v1/webhook-endpoints/{id}"),
+    ("post", "/v1/webhook-endpoints/{id}/rotate-secret"),
+    ("get", "/v1/webhook-endpoints/{id}/deliveries"),
+    ("post", "/v1/webhook-deliveries/{id}/redeliver"),
 ];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -127,6 +127,13 @@ async fn usage_is_charged_at_once_and_duplicates_answer_the_original() {
         assert_eq!((status, problem["code"].as_str().unwrap_or("")), (expected_status, code), "{body}: {problem}");
     }
     assert_eq!(server.wallet(&b.consumer_wallet).await["balance"], "49.976");
+    // One usage.charged event for the one charge: none for the duplicate or refusals.
+    let (_, events) = server.get("/v1/events?type=usage.charged", &b.consumer_key).await;
+    let events = events["data"].as_array().unwrap().clone();
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0]["data"]["amount"], "0.024");
+    let (_, created) = server.get("/v1/events?type=subscription.created", &b.merchant_key).await;
+    assert_eq!(created["data"].as_array().unwrap().len(), 1);
     // A consumer's key cannot report usage: it is not a merchant.
     let (status, problem) = server.post("/v1/usage", &b.consumer_key, None, usage(&b, "evt-9", "tokens", "1")).await;
     assert_eq!((status, problem["code"].as_str().unwrap()), (StatusCode::UNPROCESSABLE_ENTITY, "not_a_merchant"));

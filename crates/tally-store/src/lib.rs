@@ -6,13 +6,17 @@
 mod api_keys;
 mod check;
 mod codec;
+pub mod events;
 mod projector;
 mod sqlite;
+pub mod webhooks;
 
 pub use api_keys::{ApiKeyRecord, ApiKeys};
 pub use check::{deep_check, CheckReport};
 pub use codec::{decode_commands, decode_receipts, FORMAT_VERSION};
-pub use projector::{ChargeDetail, HistoryReader, Movement, MovementFilter, Projector, UsageRecord, PAGE_SIZE_MAX};
+pub use projector::{
+    ChargeDetail, EventFilter, EventRow, HistoryReader, Movement, MovementFilter, Projector, UsageRecord, PAGE_SIZE_MAX,
+};
 pub use sqlite::{encode_snapshot, history_path, SqliteStore};
 
 use tally_ledger::{Command, Receipt, State, Timestamp};

@@ -4,6 +4,7 @@
 //! must see a given write wait until the watermark passes it.
 
 use crate::codec;
+use crate::events::Directory;
 use crate::sqlite::open_history;
 use crate::StoreError;
 use rusqlite::{params, Connection, OptionalExtension};
@@ -14,8 +15,8 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 use tally_ledger::billing::Quantity;
 use tally_ledger::{
-    Account, Amount, Command, GrantId, GrantPortion, HoldId, IdempotencyKey, MeterId, Operation, OperationId,
-    ProductId, Receipt, SubscriptionId, Timestamp, WalletId,
+    Account, Amount, Command, Currency, GrantId, GrantPortion, HoldId, IdempotencyKey, MeterId, MoneyAction, Operation,
+    OperationId, OrganizationId, ProductId, Receipt, SubscriptionId, Timestamp, WalletId,
 };
 
 /// Journal records projected per transaction: large enough to amortise the fsync,
@@ -196,13 +197,129 @@ fn project_billing(
     Ok(())
 }
 
+/// The projector's directory of who owns what, kept in history tables.
+struct SqlDirectory<'a> {
+    transaction: &'a rusqlite::Transaction<'a>,
+}
+
+impl Directory for SqlDirectory<'_> {
+    fn wallet(&mut self, wallet: WalletId) -> Option<(OrganizationId, Currency)> {
+        let mut statement = self
+            .transaction
+            .prepare_cached("SELECT organization, currency FROM directory_wallets WHERE wallet = ?1")
+            .ok()?;
+        let (organization, currency): (i64, String) =
+            statement.query_row(params![wallet.0 as i64], |row| Ok((row.get(0)?, row.get(1)?))).ok()?;
+        Some((OrganizationId(organization as u64), Currency::parse(&currency).ok()?))
+    }
+
+    fn hold_wallet(&mut self, hold: HoldId) -> Option<WalletId> {
+        let mut statement =
+            self.transaction.prepare_cached("SELECT wallet FROM directory_holds WHERE hold = ?1").ok()?;
+        let wallet: i64 = statement.query_row(params![hold.0 as i64], |row| row.get(0)).ok()?;
+        Some(WalletId(wallet as u64))
+    }
+
+    fn subscription(&mut self, subscription: SubscriptionId) -> Option<(OrganizationId, OrganizationId)> {
+        let mut statement = self
+            .transaction
+            .prepare_cached("SELECT consumer, merchant FROM directory_subscriptions WHERE subscription = ?1")
+            .ok()?;
+        let (consumer, merchant): (i64, i64) =
+            statement.query_row(params![subscription.0 as i64], |row| Ok((row.get(0)?, row.get(1)?))).ok()?;
+        Some((OrganizationId(consumer as u64), OrganizationId(merchant as u64)))
+    }
+}
+
+/// Records the objects a command created in the directory, then its events.
+fn project_events(
+    transaction: &rusqlite::Transaction<'_>,
+    command: &Command,
+    receipt: &Receipt,
+    seq: u64,
+    at: Timestamp,
+) -> Result<(), StoreError> {
+    let wallet = |wallet: WalletId, organization: OrganizationId, currency: Currency| {
+        transaction
+            .prepare_cached(
+                "INSERT OR REPLACE INTO directory_wallets (wallet, organization, currency) VALUES (?1, ?2, ?3)",
+            )?
+            .execute(params![wallet.0 as i64, organization.0 as i64, currency.code()])
+    };
+    let hold = |hold: HoldId, wallet: WalletId| {
+        transaction
+            .prepare_cached("INSERT OR REPLACE INTO directory_holds (hold, wallet) VALUES (?1, ?2)")?
+            .execute(params![hold.0 as i64, wallet.0 as i64])
+    };
+    match (command, receipt) {
+        (Command::CreateWallet { organization, currency, .. }, Receipt::WalletCreated(id)) => {
+            wallet(*id, *organization, *currency)?;
+        }
+        (Command::CreatePlan { spec }, Receipt::PlanCreated { plan, wallet_created }) => {
+            if let Some(id) = wallet_created {
+                wallet(*id, spec.merchant, spec.currency)?;
+            }
+            transaction
+                .prepare_cached(
+                    "INSERT OR REPLACE INTO directory_plans (plan, merchant, currency) VALUES (?1, ?2, ?3)",
+                )?
+                .execute(params![plan.0 as i64, spec.merchant.0 as i64, spec.currency.code()])?;
+        }
+        (Command::Subscribe { consumer, plan }, Receipt::Subscription { subscription, wallet_created, .. }) => {
+            let found: Option<(i64, String)> = transaction
+                .prepare_cached("SELECT merchant, currency FROM directory_plans WHERE plan = ?1")?
+                .query_row(params![plan.0 as i64], |row| Ok((row.get(0)?, row.get(1)?)))
+                .optional()?;
+            if let Some((merchant, currency)) = found {
+                if let (Some(id), Ok(currency)) = (wallet_created, Currency::parse(&currency)) {
+                    wallet(*id, *consumer, currency)?;
+                }
+                transaction
+                    .prepare_cached(
+                        "INSERT OR REPLACE INTO directory_subscriptions (subscription, consumer, merchant) VALUES (?1, ?2, ?3)",
+                    )?
+                    .execute(params![subscription.0 as i64, consumer.0 as i64, merchant])?;
+            }
+        }
+        (
+            Command::Move { action: MoneyAction::PlaceHold { wallet, .. }, .. }
+            | Command::MoveAs { action: MoneyAction::PlaceHold { wallet, .. }, .. },
+            Receipt::HoldPlaced { hold: id, .. },
+        ) => {
+            hold(*id, *wallet)?;
+        }
+        (_, Receipt::Reserved { hold: id, wallet, .. }) => {
+            hold(*id, *wallet)?;
+        }
+        _ => {}
+    }
+    let events = crate::events::derive(command, receipt, &mut SqlDirectory { transaction });
+    if events.is_empty() {
+        return Ok(());
+    }
+    let mut insert = transaction.prepare_cached(
+        "INSERT INTO events (seq, type, organization, object, at, data) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )?;
+    for event in events {
+        insert.execute(params![
+            seq as i64,
+            event.kind,
+            event.organization.map(|o| o.0 as i64),
+            event.object,
+            at,
+            event.data.to_string(),
+        ])?;
+    }
+    Ok(())
+}
+
 /// Projects up to a batch of journal records after `after`; returns the new watermark.
 fn project_some(connection: &mut Connection, after: u64) -> Result<Option<u64>, StoreError> {
     let transaction = connection.transaction()?;
     let mut last = None;
     {
         let mut select = transaction.prepare_cached(
-            "SELECT seq, commands, receipts FROM ledger.journal WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+            "SELECT seq, commands, receipts, at FROM ledger.journal WHERE seq > ?1 ORDER BY seq LIMIT ?2",
         )?;
         let mut insert_key = transaction
             .prepare_cached("INSERT OR REPLACE INTO idempotency_index (key, seq, position) VALUES (?1, ?2, ?3)")?;
@@ -231,8 +348,10 @@ fn project_some(connection: &mut Connection, after: u64) -> Result<Option<u64>, 
                     insert_key.execute(params![&key.0.to_le_bytes()[..], seq as i64, position as i64])?;
                 }
             }
+            let at: i64 = row.get(3)?;
             for (command, receipt) in commands.iter().zip(&receipts) {
                 project_billing(command, receipt, seq, &mut insert_usage, &mut insert_charge)?;
+                project_events(&transaction, command, receipt, seq, at)?;
             }
             for receipt in &receipts {
                 for operation in receipt.operations() {
@@ -286,6 +405,30 @@ pub struct MovementFilter {
     /// Only movements of operations older than this one (the cursor).
     pub before: Option<OperationId>,
     pub kinds: Vec<String>,
+    pub from: Option<Timestamp>,
+    pub until: Option<Timestamp>,
+    pub limit: u32,
+}
+
+/// An event as history keeps it; `data` is the object's JSON.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EventRow {
+    pub id: u64,
+    pub kind: String,
+    pub organization: Option<OrganizationId>,
+    pub object: String,
+    pub at: Timestamp,
+    pub data: String,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct EventFilter {
+    /// Only events after this id (the cursor).
+    pub after: u64,
+    /// Only this organization's events; None for all (the platform).
+    pub organization: Option<OrganizationId>,
+    pub types: Vec<String>,
+    pub object: Option<String>,
     pub from: Option<Timestamp>,
     pub until: Option<Timestamp>,
     pub limit: u32,
@@ -479,6 +622,50 @@ impl HistoryReader {
                 meter: row.get::<_, Option<i64>>(8).ok().flatten().map(|m| MeterId(m as u64)),
             });
             Ok((movement, detail))
+        })?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    }
+
+    /// Events, oldest first after the cursor `after` (an event id), at most `limit`.
+    pub fn events(&self, filter: &EventFilter) -> Result<Vec<EventRow>, StoreError> {
+        let mut sql = String::from("SELECT id, type, organization, object, at, data FROM events WHERE id > ?1");
+        let mut values: Vec<rusqlite::types::Value> = vec![(filter.after as i64).into()];
+        if let Some(organization) = filter.organization {
+            values.push((organization.0 as i64).into());
+            sql.push_str(&format!(" AND organization = ?{}", values.len()));
+        }
+        if !filter.types.is_empty() {
+            let mut marks = Vec::new();
+            for kind in &filter.types {
+                values.push(kind.clone().into());
+                marks.push(format!("?{}", values.len()));
+            }
+            sql.push_str(&format!(" AND type IN ({})", marks.join(",")));
+        }
+        if let Some(object) = &filter.object {
+            values.push(object.clone().into());
+            sql.push_str(&format!(" AND object = ?{}", values.len()));
+        }
+        if let Some(from) = filter.from {
+            values.push(from.into());
+            sql.push_str(&format!(" AND at >= ?{}", values.len()));
+        }
+        if let Some(until) = filter.until {
+            values.push(until.into());
+            sql.push_str(&format!(" AND at < ?{}", values.len()));
+        }
+        values.push(i64::from(filter.limit.clamp(1, PAGE_SIZE_MAX)).into());
+        sql.push_str(&format!(" ORDER BY id LIMIT ?{}", values.len()));
+        let mut statement = self.connection.prepare_cached(&sql)?;
+        let rows = statement.query_map(rusqlite::params_from_iter(values), |row| {
+            Ok(EventRow {
+                id: row.get::<_, i64>(0)? as u64,
+                kind: row.get(1)?,
+                organization: row.get::<_, Option<i64>>(2)?.map(|o| OrganizationId(o as u64)),
+                object: row.get(3)?,
+                at: row.get(4)?,
+                data: row.get(5)?,
+            })
         })?;
         Ok(rows.collect::<Result<Vec<_>, _>>()?)
     }

@@ -88,6 +88,26 @@ pub(crate) const HISTORY_MIGRATIONS: &[&str] = &[
         product INTEGER,
         meter INTEGER
     );",
+    // Events, numbered in journal order, and what the projector must know to say whose
+    // they are (receipts name wallets, holds and subscriptions by id alone).
+    "CREATE TABLE events (
+        id INTEGER PRIMARY KEY,
+        seq INTEGER NOT NULL,
+        type TEXT NOT NULL,
+        organization INTEGER,
+        object TEXT NOT NULL,
+        at INTEGER NOT NULL,
+        data TEXT NOT NULL
+    );
+    CREATE INDEX events_by_organization ON events (organization, id);
+    CREATE TABLE directory_wallets (wallet INTEGER PRIMARY KEY, organization INTEGER NOT NULL, currency TEXT NOT NULL);
+    CREATE TABLE directory_holds (hold INTEGER PRIMARY KEY, wallet INTEGER NOT NULL);
+    CREATE TABLE directory_plans (plan INTEGER PRIMARY KEY, merchant INTEGER NOT NULL, currency TEXT NOT NULL);
+    CREATE TABLE directory_subscriptions (
+        subscription INTEGER PRIMARY KEY,
+        consumer INTEGER NOT NULL,
+        merchant INTEGER NOT NULL
+    );",
 ];
 
 /// The history database's file: `tally.db` keeps its history in `tally.history.db`.

@@ -43,9 +43,31 @@ enum Commands {
         #[command(subcommand)]
         command: client::ClientCommand,
     },
+    /// Tools for webhook receivers.
+    #[command(subcommand)]
+    Webhooks(WebhooksCommand),
     /// A load-generating worker for the crash test (not for operators).
     #[command(hide = true)]
     CrashWorker(crash_worker::CrashWorkerArgs),
+}
+
+#[derive(Subcommand)]
+enum WebhooksCommand {
+    /// Check a delivery's Tally-Signature header against its body and your secret.
+    Verify {
+        /// The endpoint's signing secret (whsec_...).
+        #[arg(long, env = "TALLY_WEBHOOK_SECRET", hide_env_values = true)]
+        secret: String,
+        /// The Tally-Signature header's value.
+        #[arg(long)]
+        header: String,
+        /// A file with the request body exactly as received.
+        #[arg(long)]
+        body: PathBuf,
+        /// How old the signature may be, in seconds.
+        #[arg(long, default_value_t = tally_server::webhooks::SIGNATURE_TOLERANCE_S)]
+        tolerance_seconds: i64,
+    },
 }
 
 #[derive(Subcommand)]
@@ -118,6 +140,16 @@ struct ServeArgs {
     /// million (20000 = 2%); a plan may set its own.
     #[arg(long, env = "TALLY_PLATFORM_FEE_PPM", default_value_t = 0)]
     platform_fee_ppm: u32,
+    /// Allow webhook endpoints on private, loopback and link-local addresses (refused
+    /// by default, so a key holder cannot make Tally call into its own network).
+    #[arg(long, env = "TALLY_WEBHOOKS_ALLOW_PRIVATE")]
+    webhooks_allow_private: bool,
+    /// How long a webhook delivery is retried before it fails, in hours.
+    #[arg(long, env = "TALLY_WEBHOOKS_RETRY_HOURS", default_value_t = 72)]
+    webhooks_retry_hours: i64,
+    /// Time limit of one webhook delivery attempt, in seconds.
+    #[arg(long, env = "TALLY_WEBHOOKS_TIMEOUT_SECONDS", default_value_t = 10)]
+    webhooks_timeout_seconds: u64,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -129,6 +161,17 @@ fn main() -> anyhow::Result<()> {
         Commands::Serve(args) => serve(args),
         Commands::Bench(args) => bench::run(args),
         Commands::Check { database } => check(database),
+        Commands::Webhooks(WebhooksCommand::Verify { secret, header, body, tolerance_seconds }) => {
+            let body = std::fs::read(&body).with_context(|| format!("reading {}", body.display()))?;
+            let now = tally_engine::Clock::now(&SystemClock) / 1000;
+            match tally_server::webhooks::verify(&secret, &header, &body, now, tolerance_seconds) {
+                Ok(()) => {
+                    println!("valid: the signature matches and is {}s old", now - signature_time(&header));
+                    Ok(())
+                }
+                Err(error) => anyhow::bail!("invalid: {error}"),
+            }
+        }
         Commands::CrashWorker(args) => crash_worker::run(args),
         Commands::Api { args, command } => client::run(args, command),
         Commands::Admin(AdminCommand::CreateKey { database, organization, name, read_only }) => {
@@ -162,8 +205,19 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             keys.insert(tally_server::generate_key(None, true, "bootstrap", tally_engine::Clock::now(&*clock), None))?;
         println!("Platform admin API key (shown once, keep it safe): {}", key.secret);
     }
-    let state =
-        Arc::new(tally_server::AppState::new(engine.handle(), projector, HistoryReader::open(&path)?, keys, clock));
+    let webhooks = tally_server::webhooks::Webhooks::new(
+        tally_store::webhooks::WebhookStore::open(&path)?,
+        tally_server::webhooks::WebhookConfig {
+            allow_private: args.webhooks_allow_private,
+            retry_window_ms: args.webhooks_retry_hours.saturating_mul(3_600_000),
+            timeout: std::time::Duration::from_secs(args.webhooks_timeout_seconds.clamp(1, 60)),
+            ..tally_server::webhooks::WebhookConfig::default()
+        },
+    );
+    let state = Arc::new(
+        tally_server::AppState::new(engine.handle(), projector, HistoryReader::open(&path)?, keys, clock)
+            .with_webhooks(webhooks),
+    );
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async {
         let listener = tokio::net::TcpListener::bind(&args.listen)
@@ -245,4 +299,9 @@ fn check(database: PathBuf) -> anyhow::Result<()> {
         }
         bail!("{} problem(s) found", report.problems.len())
     }
+}
+
+/// The `t=` part of a signature header, for the verify report.
+fn signature_time(header: &str) -> i64 {
+    header.split(',').find_map(|part| part.trim().strip_prefix("t=")?.parse().ok()).unwrap_or(0)
 }

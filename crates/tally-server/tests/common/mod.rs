@@ -6,7 +6,9 @@ use reqwest::{Client, StatusCode};
 use serde_json::{json, Value};
 use std::sync::Arc;
 use tally_engine::{Clock, Engine, EngineConfig, SystemClock};
+use tally_server::webhooks::{WebhookConfig, Webhooks};
 use tally_server::{generate_key, AppState, KeyRing};
+use tally_store::webhooks::WebhookStore;
 use tally_store::{ApiKeys, HistoryReader, Projector, SqliteStore};
 
 pub struct Server {
@@ -21,7 +23,18 @@ pub struct Server {
 
 impl Server {
     pub async fn start() -> Server {
+        Server::start_with(true).await
+    }
+
+    /// A server whose webhooks may (or may not) call private and loopback addresses;
+    /// retries start after 200 ms.
+    pub async fn start_with(allow_private: bool) -> Server {
         let directory = tempfile::tempdir().unwrap();
+        Server::start_in(directory, allow_private).await
+    }
+
+    /// A server on the database in `directory` (kept: a restart reuses it).
+    pub async fn start_in(directory: tempfile::TempDir, allow_private: bool) -> Server {
         let path = directory.path().join("api.db");
         let store = SqliteStore::open(&path).unwrap();
         let projector = Arc::new(Projector::spawn(&path).unwrap());
@@ -32,8 +45,14 @@ impl Server {
                 .unwrap();
         let keys = KeyRing::new(ApiKeys::open(&path).unwrap()).unwrap();
         let admin = keys.insert(generate_key(None, true, "test", clock.now(), None)).unwrap().secret;
-        let state =
-            Arc::new(AppState::new(engine.handle(), projector, HistoryReader::open(&path).unwrap(), keys, clock));
+        let webhooks = Webhooks::new(
+            WebhookStore::open(&path).unwrap(),
+            WebhookConfig { allow_private, retry_first_ms: 200, ..WebhookConfig::default() },
+        );
+        let state = Arc::new(
+            AppState::new(engine.handle(), projector, HistoryReader::open(&path).unwrap(), keys, clock)
+                .with_webhooks(webhooks),
+        );
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         let (shutdown, signal) = tokio::sync::oneshot::channel::<()>();
@@ -112,10 +131,18 @@ impl Server {
         self.get(&format!("/v1/wallets/{wallet}"), &self.admin).await.1
     }
 
-    pub async fn stop(mut self) {
+    pub async fn stop(self) {
+        drop(self.stop_keeping_data().await);
+    }
+
+    /// Stops the server and hands back its data directory, for a restart.
+    pub async fn stop_keeping_data(mut self) -> tempfile::TempDir {
         let _ = self.shutdown.take().unwrap().send(());
         let engine = self.engine.take().unwrap();
         tokio::task::spawn_blocking(move || engine.shutdown()).await.unwrap();
+        // Let the server task finish (it aborts webhook delivery) before the data goes.
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         drop(self.state);
+        self._directory
     }
 }

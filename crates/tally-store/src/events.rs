@@ -1,0 +1,432 @@
+//! Events: the facts platforms react to, derived from journal records. A journal record
+//! is one durable batch holding each accepted command and its receipt, so an event
+//! exists exactly when its change does: both are that record. The projector derives
+//! them in journal order and numbers them in that order, so re-projecting the journal
+//! gives the same events with the same ids.
+
+use serde_json::{json, Value};
+use tally_ledger::billing::SubscriptionStatus;
+use tally_ledger::*;
+
+/// Every event type, for documentation and for endpoint subscriptions.
+pub const EVENT_TYPES: &[&str] = &[
+    "organization.created",
+    "organization.updated",
+    "wallet.created",
+    "wallet.updated",
+    "operation.created",
+    "grant.created",
+    "grant.voided",
+    "grant.expired",
+    "hold.placed",
+    "hold.captured",
+    "hold.released",
+    "hold.expired",
+    "reservation.created",
+    "usage.charged",
+    "balance.low",
+    "product.created",
+    "meter.created",
+    "plan.created",
+    "subscription.created",
+    "subscription.renewed",
+    "subscription.past_due",
+    "subscription.canceled",
+    "webhook_endpoint.disabled",
+];
+
+/// An event before it is numbered: its type, the organization it belongs to (None:
+/// the platform's), the affected object's id and the object as it was after the change.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NewEvent {
+    pub kind: &'static str,
+    pub organization: Option<OrganizationId>,
+    pub object: String,
+    pub data: Value,
+}
+
+/// What the projector knows about objects named in receipts by id alone.
+pub trait Directory {
+    fn wallet(&mut self, wallet: WalletId) -> Option<(OrganizationId, Currency)>;
+    fn hold_wallet(&mut self, hold: HoldId) -> Option<WalletId>;
+    fn subscription(&mut self, subscription: SubscriptionId) -> Option<(OrganizationId, OrganizationId)>;
+}
+
+fn money(amount: Amount, currency: Currency) -> String {
+    Money::new(amount, currency).format_amount()
+}
+
+/// The JSON of an operation, as events carry it.
+pub fn operation_json(operation: &Operation) -> Value {
+    let currency = operation.currency;
+    json!({
+        "id": operation.id.to_string(),
+        "object": "operation",
+        "kind": operation.kind.code(),
+        "currency": currency.code(),
+        "created_at_ms": operation.at,
+        "legs": operation.legs.iter().map(|leg| json!({
+            "account": match leg.account {
+                Account::Wallet(wallet) => wallet.to_string(),
+                Account::System(kind, currency) => format!("system:{}:{}", serde_json::to_value(kind).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default(), currency),
+            },
+            "amount": money(leg.amount, currency),
+            "balance_after": money(leg.balance_after, currency),
+            "grants": leg.grants.iter().map(|g| json!({"grant": g.grant.to_string(), "amount": money(g.amount, currency)})).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// The organizations whose wallets an operation touches, in leg order, once each.
+fn owners_of(operation: &Operation, directory: &mut dyn Directory) -> Vec<OrganizationId> {
+    let mut owners = Vec::new();
+    for leg in &operation.legs {
+        if let Account::Wallet(wallet) = leg.account {
+            if let Some((owner, _)) = directory.wallet(wallet) {
+                if !owners.contains(&owner) {
+                    owners.push(owner);
+                }
+            }
+        }
+    }
+    owners
+}
+
+fn operation_events(operation: &Operation, directory: &mut dyn Directory, out: &mut Vec<NewEvent>) {
+    let data = operation_json(operation);
+    for owner in owners_of(operation, directory) {
+        out.push(NewEvent {
+            kind: "operation.created",
+            organization: Some(owner),
+            object: operation.id.to_string(),
+            data: data.clone(),
+        });
+    }
+}
+
+fn balance_low(wallet: WalletId, directory: &mut dyn Directory, balance_after: Option<Amount>) -> Option<NewEvent> {
+    let (owner, currency) = directory.wallet(wallet)?;
+    Some(NewEvent {
+        kind: "balance.low",
+        organization: Some(owner),
+        object: wallet.to_string(),
+        data: json!({"wallet": wallet.to_string(), "currency": currency.code(),
+                     "balance_after": balance_after.map(|b| money(b, currency))}),
+    })
+}
+
+fn subscription_event(
+    kind: &'static str,
+    subscription: SubscriptionId,
+    status: SubscriptionStatus,
+    fee: Option<&Operation>,
+    directory: &mut dyn Directory,
+    out: &mut Vec<NewEvent>,
+) {
+    let Some((consumer, merchant)) = directory.subscription(subscription) else { return };
+    let data = json!({
+        "id": subscription.to_string(),
+        "object": "subscription",
+        "consumer": consumer.to_string(),
+        "merchant": merchant.to_string(),
+        "status": status,
+        "fee_operation": fee.map(|o| o.id.to_string()),
+    });
+    for organization in [consumer, merchant] {
+        out.push(NewEvent {
+            kind,
+            organization: Some(organization),
+            object: subscription.to_string(),
+            data: data.clone(),
+        });
+    }
+}
+
+/// The events of one accepted command and its receipt, applied at `at`.
+pub fn derive(command: &Command, receipt: &Receipt, directory: &mut dyn Directory) -> Vec<NewEvent> {
+    let mut out = Vec::new();
+    match (command, receipt) {
+        (Command::CreateOrganization { name, roles }, Receipt::OrganizationCreated(id)) => out.push(NewEvent {
+            kind: "organization.created",
+            organization: Some(*id),
+            object: id.to_string(),
+            data: json!({"id": id.to_string(), "object": "organization", "name": name,
+                         "roles": {"merchant": roles.merchant, "consumer": roles.consumer}}),
+        }),
+        (Command::UpdateOrganization { roles, billing, .. }, Receipt::OrganizationUpdated(id)) => out.push(NewEvent {
+            kind: "organization.updated",
+            organization: Some(*id),
+            object: id.to_string(),
+            data: json!({"id": id.to_string(), "object": "organization",
+                         "roles": {"merchant": roles.merchant, "consumer": roles.consumer},
+                         "billing_details": billing}),
+        }),
+        (Command::CreateWallet { organization, currency, .. }, Receipt::WalletCreated(wallet)) => {
+            out.push(wallet_created_event(*wallet, *organization, *currency))
+        }
+        (Command::SetWalletStatus { status, .. }, Receipt::WalletUpdated(wallet)) => {
+            if let Some((owner, _)) = directory.wallet(*wallet) {
+                out.push(NewEvent {
+                    kind: "wallet.updated",
+                    organization: Some(owner),
+                    object: wallet.to_string(),
+                    data: json!({"id": wallet.to_string(), "object": "wallet", "status": status}),
+                });
+            }
+        }
+        (Command::SetLowBalanceThreshold { threshold, .. }, Receipt::WalletUpdated(wallet)) => {
+            if let Some((owner, currency)) = directory.wallet(*wallet) {
+                out.push(NewEvent {
+                    kind: "wallet.updated",
+                    organization: Some(owner),
+                    object: wallet.to_string(),
+                    data: json!({"id": wallet.to_string(), "object": "wallet",
+                                 "low_balance_threshold": threshold.map(|t| money(t, currency))}),
+                });
+            }
+        }
+        (Command::Move { action, .. } | Command::MoveAs { action, .. }, receipt) => {
+            money_events(action, receipt, directory, &mut out)
+        }
+        (_, Receipt::Expired { holds, operations, renewals, .. }) => {
+            for hold in holds {
+                if let Some(wallet) = directory.hold_wallet(*hold) {
+                    if let Some((owner, _)) = directory.wallet(wallet) {
+                        out.push(NewEvent {
+                            kind: "hold.expired",
+                            organization: Some(owner),
+                            object: hold.to_string(),
+                            data: json!({"id": hold.to_string(), "object": "hold", "wallet": wallet.to_string(), "status": "expired"}),
+                        });
+                    }
+                }
+            }
+            for operation in operations {
+                let kind = if operation.kind == OperationKind::GrantVoid { "grant.voided" } else { "grant.expired" };
+                if let Some(grant) = operation.legs.iter().flat_map(|l| l.grants.iter()).next() {
+                    for owner in owners_of(operation, directory) {
+                        out.push(NewEvent {
+                            kind,
+                            organization: Some(owner),
+                            object: grant.grant.to_string(),
+                            data: json!({"id": grant.grant.to_string(), "object": "grant", "operation": operation_json(operation)}),
+                        });
+                    }
+                }
+            }
+            for renewal in renewals {
+                let kind = match renewal.status {
+                    SubscriptionStatus::Active => "subscription.renewed",
+                    SubscriptionStatus::PastDue => "subscription.past_due",
+                    SubscriptionStatus::Canceled => "subscription.canceled",
+                };
+                subscription_event(
+                    kind,
+                    renewal.subscription,
+                    renewal.status,
+                    renewal.fee.as_ref(),
+                    directory,
+                    &mut out,
+                );
+                if let Some(fee) = &renewal.fee {
+                    operation_events(fee, directory, &mut out);
+                    if renewal.low_balance {
+                        if let Some(Account::Wallet(wallet)) = fee.legs.first().map(|l| l.account) {
+                            out.extend(balance_low(wallet, directory, fee.legs.first().map(|l| l.balance_after)));
+                        }
+                    }
+                }
+            }
+        }
+        (Command::Notice { kind, organization, object, data }, Receipt::Noticed) => {
+            if let Some(kind) = EVENT_TYPES.iter().find(|k| **k == kind.as_str()) {
+                out.push(NewEvent {
+                    kind,
+                    organization: *organization,
+                    object: object.clone(),
+                    data: serde_json::from_str(data).unwrap_or(Value::Null),
+                });
+            }
+        }
+        (Command::CreateProduct { merchant, name }, Receipt::ProductCreated(id)) => out.push(NewEvent {
+            kind: "product.created",
+            organization: Some(*merchant),
+            object: id.to_string(),
+            data: json!({"id": id.to_string(), "object": "product", "name": name}),
+        }),
+        (Command::CreateMeter { merchant, code, unit, aggregation, product }, Receipt::MeterCreated(id)) => {
+            out.push(NewEvent {
+                kind: "meter.created",
+                organization: Some(*merchant),
+                object: id.to_string(),
+                data: json!({"id": id.to_string(), "object": "meter", "code": code, "unit": unit,
+                             "aggregation": aggregation, "product": product.map(|p| p.to_string())}),
+            })
+        }
+        (Command::CreatePlan { spec }, Receipt::PlanCreated { plan, wallet_created }) => {
+            if let Some(wallet) = wallet_created {
+                out.push(wallet_created_event(*wallet, spec.merchant, spec.currency));
+            }
+            out.push(NewEvent {
+                kind: "plan.created",
+                organization: Some(spec.merchant),
+                object: plan.to_string(),
+                data: json!({"id": plan.to_string(), "object": "plan", "name": spec.name, "currency": spec.currency.code(),
+                             "replaces": spec.replaces.map(|p| p.to_string())}),
+            })
+        }
+        (
+            Command::Subscribe { consumer, .. },
+            Receipt::Subscription { subscription, status, wallet_created, fee, low_balance },
+        ) => {
+            if let Some(wallet) = wallet_created {
+                if let Some(currency) =
+                    fee.as_ref().map(|f| f.currency).or_else(|| directory.wallet(*wallet).map(|w| w.1))
+                {
+                    out.push(wallet_created_event(*wallet, *consumer, currency));
+                }
+            }
+            subscription_event("subscription.created", *subscription, *status, fee.as_ref(), directory, &mut out);
+            if *status == SubscriptionStatus::PastDue {
+                subscription_event("subscription.past_due", *subscription, *status, None, directory, &mut out);
+            }
+            if let Some(fee) = fee {
+                operation_events(fee, directory, &mut out);
+                if *low_balance {
+                    if let Some(Account::Wallet(wallet)) = fee.legs.first().map(|l| l.account) {
+                        out.extend(balance_low(wallet, directory, fee.legs.first().map(|l| l.balance_after)));
+                    }
+                }
+            }
+        }
+        (
+            Command::CancelSubscription { at_period_end: false, .. },
+            Receipt::Subscription { subscription, status, .. },
+        ) => {
+            subscription_event("subscription.canceled", *subscription, *status, None, directory, &mut out);
+        }
+        (Command::Usage { events, .. }, Receipt::Usage { results }) => {
+            for (event, result) in events.iter().zip(results) {
+                let Ok(charge) = result else { continue };
+                let Some(operation) = &charge.operation else { continue };
+                let leg = &operation.legs[0];
+                let currency = operation.currency;
+                out.push(NewEvent {
+                    kind: "usage.charged",
+                    organization: Some(event.consumer),
+                    object: operation.id.to_string(),
+                    data: json!({
+                        "object": "usage_charge",
+                        "subscription": charge.subscription.to_string(),
+                        "meter": event.meter,
+                        "quantity": charge.quantity.format(),
+                        "amount": money(charge.amount, currency),
+                        "platform_fee": money(charge.fee, currency),
+                        "currency": currency.code(),
+                        "operation": operation.id.to_string(),
+                        "balance_after": money(leg.balance_after, currency),
+                    }),
+                });
+                if charge.low_balance {
+                    if let Account::Wallet(wallet) = leg.account {
+                        out.extend(balance_low(wallet, directory, Some(leg.balance_after)));
+                    }
+                }
+            }
+        }
+        _ => {}
+    }
+    out
+}
+
+fn wallet_created_event(wallet: WalletId, organization: OrganizationId, currency: Currency) -> NewEvent {
+    NewEvent {
+        kind: "wallet.created",
+        organization: Some(organization),
+        object: wallet.to_string(),
+        data: json!({"id": wallet.to_string(), "object": "wallet", "organization": organization.to_string(),
+                     "currency": currency.code(), "status": "active"}),
+    }
+}
+
+fn money_events(action: &MoneyAction, receipt: &Receipt, directory: &mut dyn Directory, out: &mut Vec<NewEvent>) {
+    match receipt {
+        Receipt::Posted { operation, grant } => {
+            if let Some(grant) = grant {
+                for owner in owners_of(operation, directory) {
+                    out.push(NewEvent {
+                        kind: "grant.created",
+                        organization: Some(owner),
+                        object: grant.to_string(),
+                        data: json!({"id": grant.to_string(), "object": "grant", "operation": operation_json(operation)}),
+                    });
+                }
+            }
+            operation_events(operation, directory, out);
+        }
+        Receipt::HoldPlaced { hold, expires_at } | Receipt::Reserved { hold, expires_at, .. } => {
+            let (wallet, amount, currency, kind) = match action {
+                MoneyAction::PlaceHold { wallet, amount, .. } => {
+                    (Some(*wallet), Some(amount.amount), Some(amount.currency), "hold.placed")
+                }
+                MoneyAction::Reserve { .. } => {
+                    let Receipt::Reserved { amount, wallet, .. } = receipt else { return };
+                    (Some(*wallet), Some(*amount), None, "reservation.created")
+                }
+                _ => (None, None, None, "hold.placed"),
+            };
+            let Some(wallet) = wallet else { return };
+            let Some((owner, wallet_currency)) = directory.wallet(wallet) else { return };
+            let currency = currency.unwrap_or(wallet_currency);
+            out.push(NewEvent {
+                kind,
+                organization: Some(owner),
+                object: hold.to_string(),
+                data: json!({"id": hold.to_string(), "object": "hold", "wallet": wallet.to_string(),
+                             "amount": amount.map(|a| money(a, currency)), "currency": currency.code(),
+                             "status": "active", "expires_at_ms": expires_at}),
+            });
+        }
+        Receipt::HoldCaptured { hold, operation, released } => {
+            if let Some(wallet) = directory.hold_wallet(*hold) {
+                if let Some((owner, currency)) = directory.wallet(wallet) {
+                    out.push(NewEvent {
+                        kind: "hold.captured",
+                        organization: Some(owner),
+                        object: hold.to_string(),
+                        data: json!({"id": hold.to_string(), "object": "hold", "wallet": wallet.to_string(),
+                                     "status": "captured", "released": money(*released, currency),
+                                     "operation": operation.id.to_string()}),
+                    });
+                }
+            }
+            operation_events(operation, directory, out);
+        }
+        Receipt::HoldReleased { hold, released } => {
+            if let Some(wallet) = directory.hold_wallet(*hold) {
+                if let Some((owner, currency)) = directory.wallet(wallet) {
+                    out.push(NewEvent {
+                        kind: "hold.released",
+                        organization: Some(owner),
+                        object: hold.to_string(),
+                        data: json!({"id": hold.to_string(), "object": "hold", "wallet": wallet.to_string(),
+                                     "status": "released", "released": money(*released, currency)}),
+                    });
+                }
+            }
+        }
+        Receipt::GrantVoided { grant, operation: Some(operation) } => {
+            for owner in owners_of(operation, directory) {
+                out.push(NewEvent {
+                    kind: "grant.voided",
+                    organization: Some(owner),
+                    object: grant.to_string(),
+                    data: json!({"id": grant.to_string(), "object": "grant", "status": "voided",
+                                 "operation": operation_json(operation)}),
+                });
+            }
+            operation_events(operation, directory, out);
+        }
+        _ => {}
+    }
+}
