@@ -9,31 +9,14 @@ pub fn amount(value: Amount, currency: Currency) -> String {
     Money::new(value, currency).format_amount()
 }
 
-pub fn account(account: &Account) -> String {
-    match account {
-        Account::Wallet(wallet) => wallet.to_string(),
-        Account::System(kind, currency) => {
-            let kind = serde_json::to_value(kind).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default();
-            format!("system:{kind}:{currency}")
-        }
-    }
-}
-
+/// An operation with its legs: the same JSON events carry, with an RFC 3339 time.
 pub fn operation(operation: &Operation) -> Value {
-    let currency = operation.currency;
-    json!({
-        "id": operation.id.to_string(),
-        "object": "operation",
-        "kind": operation.kind.code(),
-        "currency": currency.code(),
-        "created_at": time::format(operation.at),
-        "legs": operation.legs.iter().map(|leg| json!({
-            "account": account(&leg.account),
-            "amount": amount(leg.amount, currency),
-            "balance_after": amount(leg.balance_after, currency),
-            "grants": leg.grants.iter().map(|g| json!({"grant": g.grant.to_string(), "amount": amount(g.amount, currency)})).collect::<Vec<_>>(),
-        })).collect::<Vec<_>>(),
-    })
+    let mut view = tally_store::events::operation_json(operation);
+    if let Some(object) = view.as_object_mut() {
+        object.remove("created_at_ms");
+        object.insert("created_at".into(), Value::String(time::format(operation.at)));
+    }
+    view
 }
 
 pub fn grant(grant: &Grant, currency: Currency) -> Value {

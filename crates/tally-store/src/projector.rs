@@ -434,6 +434,59 @@ pub struct EventFilter {
     pub limit: u32,
 }
 
+/// A movement from a row whose first six columns are operation_id, kind, at, amount,
+/// balance_after, grants.
+fn movement_row(wallet: WalletId, row: &rusqlite::Row<'_>) -> rusqlite::Result<Movement> {
+    Ok(Movement {
+        wallet,
+        operation: OperationId(row.get::<_, i64>(0)? as u64),
+        kind: row.get(1)?,
+        at: row.get(2)?,
+        amount: Amount::from_units(row.get::<_, String>(3)?.parse().unwrap_or_default()),
+        balance_after: Amount::from_units(row.get::<_, String>(4)?.parse().unwrap_or_default()),
+        grants: parse_grants(&row.get::<_, String>(5)?),
+    })
+}
+
+/// A query's optional conditions, each with its bound value, then order and page size.
+struct Conditions {
+    sql: String,
+    values: Vec<rusqlite::types::Value>,
+}
+
+impl Conditions {
+    fn new(sql: &str, values: Vec<rusqlite::types::Value>) -> Conditions {
+        Conditions { sql: sql.to_string(), values }
+    }
+
+    /// Adds `AND <condition>?n` when there is a value.
+    fn and<T: Into<rusqlite::types::Value>>(&mut self, condition: &str, value: Option<T>) {
+        if let Some(value) = value {
+            self.values.push(value.into());
+            self.sql.push_str(&format!(" AND {condition}?{}", self.values.len()));
+        }
+    }
+
+    /// Adds `AND <column> IN (...)` when the list is not empty.
+    fn and_in(&mut self, column: &str, items: &[String]) {
+        if items.is_empty() {
+            return;
+        }
+        let mut marks = Vec::with_capacity(items.len());
+        for item in items {
+            self.values.push(item.clone().into());
+            marks.push(format!("?{}", self.values.len()));
+        }
+        self.sql.push_str(&format!(" AND {column} IN ({})", marks.join(",")));
+    }
+
+    fn finish(mut self, order: &str, limit: u32) -> (String, Vec<rusqlite::types::Value>) {
+        self.values.push(i64::from(limit.clamp(1, PAGE_SIZE_MAX)).into());
+        self.sql.push_str(&format!(" ORDER BY {order} LIMIT ?{}", self.values.len()));
+        (self.sql, self.values)
+    }
+}
+
 /// A charged usage event as history keeps it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct UsageRecord {
@@ -499,41 +552,16 @@ impl HistoryReader {
 
     /// A wallet's movements, newest first.
     pub fn movements(&self, wallet: WalletId, filter: &MovementFilter) -> Result<Vec<Movement>, StoreError> {
-        let mut sql = String::from(
+        let mut query = Conditions::new(
             "SELECT operation_id, kind, at, amount, balance_after, grants FROM movements WHERE wallet_id = ?1 AND operation_id < ?2",
+            vec![(wallet.0 as i64).into(), filter.before.map(|o| o.0 as i64).unwrap_or(i64::MAX).into()],
         );
-        let mut values: Vec<rusqlite::types::Value> =
-            vec![(wallet.0 as i64).into(), filter.before.map(|o| o.0 as i64).unwrap_or(i64::MAX).into()];
-        if let Some(from) = filter.from {
-            values.push(from.into());
-            sql.push_str(&format!(" AND at >= ?{}", values.len()));
-        }
-        if let Some(until) = filter.until {
-            values.push(until.into());
-            sql.push_str(&format!(" AND at < ?{}", values.len()));
-        }
-        if !filter.kinds.is_empty() {
-            let mut marks = Vec::new();
-            for kind in &filter.kinds {
-                values.push(kind.clone().into());
-                marks.push(format!("?{}", values.len()));
-            }
-            sql.push_str(&format!(" AND kind IN ({})", marks.join(",")));
-        }
-        values.push(i64::from(filter.limit.clamp(1, PAGE_SIZE_MAX)).into());
-        sql.push_str(&format!(" ORDER BY operation_id DESC LIMIT ?{}", values.len()));
+        query.and("at >= ", filter.from);
+        query.and("at < ", filter.until);
+        query.and_in("kind", &filter.kinds);
+        let (sql, values) = query.finish("operation_id DESC", filter.limit);
         let mut statement = self.connection.prepare_cached(&sql)?;
-        let rows = statement.query_map(rusqlite::params_from_iter(values), |row| {
-            Ok(Movement {
-                wallet,
-                operation: OperationId(row.get::<_, i64>(0)? as u64),
-                kind: row.get(1)?,
-                at: row.get(2)?,
-                amount: Amount::from_units(row.get::<_, String>(3)?.parse().unwrap_or_default()),
-                balance_after: Amount::from_units(row.get::<_, String>(4)?.parse().unwrap_or_default()),
-                grants: parse_grants(&row.get::<_, String>(5)?),
-            })
-        })?;
+        let rows = statement.query_map(rusqlite::params_from_iter(values), |row| movement_row(wallet, row))?;
         Ok(rows.collect::<Result<Vec<_>, _>>()?)
     }
 
@@ -607,15 +635,7 @@ impl HistoryReader {
              WHERE m.wallet_id = ?1 AND m.at >= ?2 AND m.at < ?3 ORDER BY m.operation_id LIMIT ?4",
         )?;
         let rows = statement.query_map(params![wallet.0 as i64, from, until, i64::from(limit)], |row| {
-            let movement = Movement {
-                wallet,
-                operation: OperationId(row.get::<_, i64>(0)? as u64),
-                kind: row.get(1)?,
-                at: row.get(2)?,
-                amount: Amount::from_units(row.get::<_, String>(3)?.parse().unwrap_or_default()),
-                balance_after: Amount::from_units(row.get::<_, String>(4)?.parse().unwrap_or_default()),
-                grants: parse_grants(&row.get::<_, String>(5)?),
-            };
+            let movement = movement_row(wallet, row)?;
             let detail = row.get::<_, Option<i64>>(6)?.map(|subscription| ChargeDetail {
                 subscription: SubscriptionId(subscription as u64),
                 product: row.get::<_, Option<i64>>(7).ok().flatten().map(|p| ProductId(p as u64)),
@@ -628,34 +648,16 @@ impl HistoryReader {
 
     /// Events, oldest first after the cursor `after` (an event id), at most `limit`.
     pub fn events(&self, filter: &EventFilter) -> Result<Vec<EventRow>, StoreError> {
-        let mut sql = String::from("SELECT id, type, organization, object, at, data FROM events WHERE id > ?1");
-        let mut values: Vec<rusqlite::types::Value> = vec![(filter.after as i64).into()];
-        if let Some(organization) = filter.organization {
-            values.push((organization.0 as i64).into());
-            sql.push_str(&format!(" AND organization = ?{}", values.len()));
-        }
-        if !filter.types.is_empty() {
-            let mut marks = Vec::new();
-            for kind in &filter.types {
-                values.push(kind.clone().into());
-                marks.push(format!("?{}", values.len()));
-            }
-            sql.push_str(&format!(" AND type IN ({})", marks.join(",")));
-        }
-        if let Some(object) = &filter.object {
-            values.push(object.clone().into());
-            sql.push_str(&format!(" AND object = ?{}", values.len()));
-        }
-        if let Some(from) = filter.from {
-            values.push(from.into());
-            sql.push_str(&format!(" AND at >= ?{}", values.len()));
-        }
-        if let Some(until) = filter.until {
-            values.push(until.into());
-            sql.push_str(&format!(" AND at < ?{}", values.len()));
-        }
-        values.push(i64::from(filter.limit.clamp(1, PAGE_SIZE_MAX)).into());
-        sql.push_str(&format!(" ORDER BY id LIMIT ?{}", values.len()));
+        let mut query = Conditions::new(
+            "SELECT id, type, organization, object, at, data FROM events WHERE id > ?1",
+            vec![(filter.after as i64).into()],
+        );
+        query.and("organization = ", filter.organization.map(|o| o.0 as i64));
+        query.and_in("type", &filter.types);
+        query.and("object = ", filter.object.clone());
+        query.and("at >= ", filter.from);
+        query.and("at < ", filter.until);
+        let (sql, values) = query.finish("id", filter.limit);
         let mut statement = self.connection.prepare_cached(&sql)?;
         let rows = statement.query_map(rusqlite::params_from_iter(values), |row| {
             Ok(EventRow {
