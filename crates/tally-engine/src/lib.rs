@@ -9,6 +9,7 @@ mod clock;
 pub use clock::{Clock, ManualClock, SystemClock};
 
 use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender, TrySendError};
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use std::any::Any;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -82,8 +83,8 @@ impl Default for EngineConfig {
     }
 }
 
-/// Counters the engine keeps for benchmarks and health checks.
-#[derive(Default, Debug)]
+/// Counters the engine keeps for benchmarks, health checks and metrics.
+#[derive(Debug)]
 pub struct EngineStats {
     pub batches: AtomicU64,
     pub requests: AtomicU64,
@@ -91,6 +92,31 @@ pub struct EngineStats {
     pub durable_seq: AtomicU64,
     pub storage_failures: AtomicU64,
     pub ready: AtomicBool,
+    /// Commands applied, by `Command::kind_index`.
+    pub commands: Vec<AtomicU64>,
+    /// Refusals, by `Rejection::index`.
+    pub rejections: Vec<AtomicU64>,
+    /// Requests per batch.
+    pub batch_sizes: Histogram,
+    /// Seconds per journal commit.
+    pub commit_seconds: Histogram,
+}
+
+impl Default for EngineStats {
+    fn default() -> EngineStats {
+        EngineStats {
+            batches: AtomicU64::new(0),
+            requests: AtomicU64::new(0),
+            journaled_commands: AtomicU64::new(0),
+            durable_seq: AtomicU64::new(0),
+            storage_failures: AtomicU64::new(0),
+            ready: AtomicBool::new(false),
+            commands: (0..Command::KINDS.len()).map(|_| AtomicU64::new(0)).collect(),
+            rejections: (0..Rejection::ALL.len()).map(|_| AtomicU64::new(0)).collect(),
+            batch_sizes: Histogram::new(exponential_buckets(1.0, 4.0, 9)),
+            commit_seconds: Histogram::new(exponential_buckets(0.000_25, 2.0, 14)),
+        }
+    }
 }
 
 enum Message {
@@ -154,6 +180,11 @@ impl Handle {
             Answer::Read(value) => Ok(*value.downcast::<T>().expect("read answers with its own type")),
             Answer::Receipt(_) => unreachable!("a read is answered with a value"),
         }
+    }
+
+    /// Requests waiting in the queue.
+    pub fn queue_depth(&self) -> usize {
+        self.queue.len()
     }
 
     pub fn stats(&self) -> &EngineStats {
@@ -354,20 +385,27 @@ impl Writer {
 
     fn apply(&mut self, request: Request, reply: Option<Reply>, now: Timestamp, entries: &mut Vec<Entry>) {
         let (journaled, outcome) = match request {
-            Request::Command(command) => match self.state.apply(&command, now) {
-                Ok(receipt) => {
-                    let changed = match &receipt {
-                        Receipt::Replayed(_) => false,
-                        // A tick runs only when something is due, and it may change state
-                        // without moving money (a grant turning expired), so every tick is
-                        // journaled: replay must see it.
-                        Receipt::Expired { .. } => true,
-                        _ => true,
-                    };
-                    (changed.then_some(command), Ok(Answer::Receipt(receipt)))
+            Request::Command(command) => {
+                let result = self.state.apply(&command, now);
+                self.stats.commands[command.kind_index()].fetch_add(1, Ordering::Relaxed);
+                match result {
+                    Ok(receipt) => {
+                        let changed = match &receipt {
+                            Receipt::Replayed(_) => false,
+                            // A tick runs only when something is due, and it may change state
+                            // without moving money (a grant turning expired), so every tick is
+                            // journaled: replay must see it.
+                            Receipt::Expired { .. } => true,
+                            _ => true,
+                        };
+                        (changed.then_some(command), Ok(Answer::Receipt(receipt)))
+                    }
+                    Err(rejection) => {
+                        self.stats.rejections[rejection.index()].fetch_add(1, Ordering::Relaxed);
+                        (None, Err(EngineError::Rejected(rejection)))
+                    }
                 }
-                Err(rejection) => (None, Err(EngineError::Rejected(rejection))),
-            },
+            }
             Request::Read(read) => (None, Ok(Answer::Read(read(&self.state)))),
         };
         if journaled.is_some() {
@@ -385,6 +423,7 @@ impl Writer {
             self.seq += 1;
         }
         self.stats.batches.fetch_add(1, Ordering::Relaxed);
+        self.stats.batch_sizes.observe(entries.len() as f64);
         self.stats.requests.fetch_add(entries.len() as u64, Ordering::Relaxed);
         let batch = Batch { seq: if journals { self.seq } else { 0 }, at: now, entries };
         if self.commits.send(CommitMessage::Batch(batch)).is_err() {
@@ -544,6 +583,7 @@ fn commit_group<S: Store>(
             let started = Instant::now();
             let result = store.commit(&journals).map_err(|error| error.to_string());
             let took = started.elapsed();
+            stats.commit_seconds.observe(took.as_secs_f64());
             if took > SLOW_COMMIT {
                 tracing::warn!(took_ms = took.as_millis() as u64, batches = journals.len(), "slow commit");
             }

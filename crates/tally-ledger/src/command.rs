@@ -392,6 +392,51 @@ pub enum Command {
     },
 }
 
+impl Command {
+    /// The names of command kinds, indexed by [`Command::kind_index`] (for metrics).
+    pub const KINDS: &'static [&'static str] = &[
+        "create_organization",
+        "create_wallet",
+        "update_organization",
+        "set_wallet_status",
+        "set_low_balance_threshold",
+        "move_as",
+        "move",
+        "configure",
+        "tick",
+        "create_product",
+        "create_meter",
+        "create_plan",
+        "archive_plan",
+        "subscribe",
+        "cancel_subscription",
+        "usage",
+        "notice",
+    ];
+
+    pub fn kind_index(&self) -> usize {
+        match self {
+            Command::CreateOrganization { .. } => 0,
+            Command::CreateWallet { .. } => 1,
+            Command::UpdateOrganization { .. } => 2,
+            Command::SetWalletStatus { .. } => 3,
+            Command::SetLowBalanceThreshold { .. } => 4,
+            Command::MoveAs { .. } => 5,
+            Command::Move { .. } => 6,
+            Command::Configure { .. } => 7,
+            Command::Tick => 8,
+            Command::CreateProduct { .. } => 9,
+            Command::CreateMeter { .. } => 10,
+            Command::CreatePlan { .. } => 11,
+            Command::ArchivePlan { .. } => 12,
+            Command::Subscribe { .. } => 13,
+            Command::CancelSubscription { .. } => 14,
+            Command::Usage { .. } => 15,
+            Command::Notice { .. } => 16,
+        }
+    }
+}
+
 /// Longest notice payload, in bytes.
 pub const NOTICE_DATA_MAX: usize = 4096;
 

@@ -157,6 +157,11 @@ impl Rejection {
         }
     }
 
+    /// The rejection's position in [`Rejection::ALL`] (for metrics).
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
     /// Every rejection, for tables and tests that must cover them all.
     pub const ALL: &'static [Rejection] = &[
         Rejection::InsufficientFunds,

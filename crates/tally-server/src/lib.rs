@@ -5,6 +5,7 @@
 mod auth;
 mod billing;
 mod error;
+pub mod metrics;
 pub mod time;
 mod views;
 pub mod webhooks;
@@ -48,6 +49,7 @@ pub struct AppState {
     in_flight: Mutex<HashSet<u128>>,
     /// Webhook endpoints and delivery, when enabled.
     pub webhooks: Option<Arc<webhooks::Webhooks>>,
+    pub metrics: metrics::Metrics,
 }
 
 impl AppState {
@@ -58,7 +60,9 @@ impl AppState {
         keys: KeyRing,
         clock: Arc<dyn Clock>,
     ) -> AppState {
+        let metrics = metrics::Metrics::new(&handle);
         AppState {
+            metrics,
             handle,
             projector,
             history: Mutex::new(history),
@@ -71,7 +75,9 @@ impl AppState {
 
     /// Enables webhook endpoints and delivery (`serve` starts the delivery task).
     pub fn with_webhooks(mut self, webhooks: webhooks::Webhooks) -> AppState {
-        self.webhooks = Some(Arc::new(webhooks));
+        let webhooks = Arc::new(webhooks);
+        self.metrics.watch_webhooks(webhooks.clone());
+        self.webhooks = Some(webhooks);
         self
     }
 
@@ -136,6 +142,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     let document = Arc::new(document);
     router
         .route("/openapi.json", get(move || async move { Json(document.as_ref().clone()) }))
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), metrics::track))
         .fallback(|| async { ApiError::not_found() })
         .layer(DefaultBodyLimit::max(BODY_BYTES_MAX))
         .with_state(state)
@@ -172,6 +179,7 @@ fn api_router() -> utoipa_axum::router::OpenApiRouter<Arc<AppState>> {
     utoipa_axum::router::OpenApiRouter::with_openapi(<ApiDoc as utoipa::OpenApi>::openapi())
         .routes(routes!(healthz))
         .routes(routes!(readyz))
+        .routes(routes!(metrics::metrics))
         .routes(routes!(create_organization, list_organizations))
         .routes(routes!(get_organization))
         .routes(routes!(update_billing))

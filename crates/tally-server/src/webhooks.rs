@@ -299,6 +299,11 @@ async fn round(app: &Arc<AppState>, webhooks: &Arc<Webhooks>) -> Result<bool, St
                 ("pending", now.saturating_add(retry_delay(config.retry_first_ms, attempts_after - 1)))
             };
             store.record_attempt(due.delivery.id, &attempt, status, next_at).map_err(|e| e.to_string())?;
+            let outcome = if status == "pending" { "retry" } else { status };
+            app.metrics
+                .webhook_deliveries
+                .get_or_create(&crate::metrics::OutcomeLabels { outcome: outcome.into() })
+                .inc();
             if status == "failed" && due.endpoint.enabled {
                 let since = due.delivery.first_at;
                 if !store.delivered_since(due.endpoint.id, since).map_err(|e| e.to_string())? {

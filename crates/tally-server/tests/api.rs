@@ -361,6 +361,7 @@ const ENDPOINTS: &[(&str, &str)] = &[
     ("post", "/v1/usage/batch"),
     ("post", "/v1/access-checks"),
     ("get", "/v1/wallets/{id}/statement"),
+    ("get", "/metrics"),
     ("get", "/v1/events"),
     ("post", "/v1/webhook-endpoints"),
     ("get", "/v1/webhook-endpoints"),

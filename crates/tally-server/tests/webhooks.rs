@@ -247,3 +247,49 @@ async fn private_destinations_other_schemes_and_redirects_are_refused() {
     assert_eq!(attempt["error"], "answered 302");
     server.stop().await;
 }
+
+/// The value of one sample line of the exposition, if present.
+fn sample(text: &str, name_and_labels: &str) -> Option<f64> {
+    text.lines().find_map(|line| line.strip_prefix(name_and_labels)?.strip_prefix(' ')?.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_parse_as_prometheus_text_and_count_what_happened() {
+    let server = Server::start().await;
+    let (_, wallet, _) = server.organization("Acme").await;
+    server.organization("Other").await;
+    server.credit(&wallet, "5.00", "c1").await;
+    let (status, _) = server
+        .post(
+            &format!("/v1/wallets/{wallet}/adjustments"),
+            &server.admin,
+            Some("d1"),
+            json!({"direction": "debit", "amount": "80.00", "currency": "USD", "reason": "x"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    let response = server.client.get(format!("{}/metrics", server.base)).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert!(response.headers()["content-type"].to_str().unwrap().starts_with("application/openmetrics-text"));
+    assert!(response.headers().contains_key("x-request-id"));
+    let text = response.text().await.unwrap();
+    // Every line is a comment or `name{labels} value`, and the exposition ends with # EOF.
+    assert_eq!(text.lines().last(), Some("# EOF"));
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let (series, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("no value: {line}"));
+        assert!(value.parse::<f64>().is_ok() || value == "+Inf", "bad value: {line}");
+        let name: String = series.chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_' || *c == ':').collect();
+        assert!(name.starts_with("tally_"), "bad name: {line}");
+        let labels = &series[name.len()..];
+        assert!(labels.is_empty() || (labels.starts_with('{') && labels.ends_with('}')), "bad labels: {line}");
+    }
+    assert_eq!(
+        sample(&text, r#"tally_http_requests_total{method="POST",route="/v1/organizations",status="201"}"#),
+        Some(2.0)
+    );
+    assert_eq!(sample(&text, r#"tally_engine_commands_total{kind="create_organization"}"#), Some(2.0));
+    assert_eq!(sample(&text, r#"tally_engine_rejections_total{code="insufficient_funds"}"#), Some(1.0));
+    assert!(sample(&text, "tally_engine_commit_seconds_count").unwrap() >= 1.0, "{text}");
+    assert!(sample(&text, "tally_webhook_backlog").is_some(), "{text}");
+    server.stop().await;
+}

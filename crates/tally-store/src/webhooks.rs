@@ -351,6 +351,14 @@ impl WebhookStore {
         Ok(out)
     }
 
+    /// Deliveries waiting to be sent or retried.
+    pub fn backlog(&self) -> Result<u64, StoreError> {
+        let count: i64 =
+            self.connection
+                .query_row("SELECT COUNT(*) FROM deliveries WHERE status = 'pending'", [], |row| row.get(0))?;
+        Ok(count as u64)
+    }
+
     /// Sends a delivery again now, whatever its state.
     pub fn redeliver(&self, id: u64, now: Timestamp) -> Result<(), StoreError> {
         self.connection.execute(
