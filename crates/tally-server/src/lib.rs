@@ -6,6 +6,7 @@ mod auth;
 mod billing;
 mod error;
 pub mod metrics;
+pub mod nats;
 pub mod time;
 mod views;
 pub mod webhooks;
@@ -50,6 +51,8 @@ pub struct AppState {
     /// Webhook endpoints and delivery, when enabled.
     pub webhooks: Option<Arc<webhooks::Webhooks>>,
     pub metrics: metrics::Metrics,
+    /// The NATS event stream, when configured (needs webhooks: it shares their file).
+    pub nats: Option<nats::NatsConfig>,
 }
 
 impl AppState {
@@ -70,7 +73,14 @@ impl AppState {
             clock,
             in_flight: Mutex::new(HashSet::new()),
             webhooks: None,
+            nats: None,
         }
+    }
+
+    /// Publishes every event to NATS JetStream (`serve` starts the sink).
+    pub fn with_nats(mut self, config: nats::NatsConfig) -> AppState {
+        self.nats = Some(config);
+        self
     }
 
     /// Enables webhook endpoints and delivery (`serve` starts the delivery task).
@@ -212,10 +222,13 @@ pub async fn serve(
     state: Arc<AppState>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let dispatcher = webhooks::spawn_dispatcher(state.clone());
+    let mut tasks: Vec<tokio::task::JoinHandle<()>> = webhooks::spawn_dispatcher(state.clone()).into_iter().collect();
+    if let (Some(config), Some(webhooks)) = (state.nats.clone(), state.webhooks.clone()) {
+        tasks.push(nats::spawn(webhooks, config));
+    }
     let served = axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await;
-    if let Some(dispatcher) = dispatcher {
-        dispatcher.abort();
+    for task in tasks {
+        task.abort();
     }
     served
 }

@@ -9,7 +9,8 @@ use rusqlite::{params, Connection, OptionalExtension};
 use std::path::{Path, PathBuf};
 use tally_ledger::{OrganizationId, Timestamp};
 
-const MIGRATIONS: &[&str] = &["CREATE TABLE endpoints (
+const MIGRATIONS: &[&str] = &[
+    "CREATE TABLE endpoints (
         id INTEGER PRIMARY KEY,
         organization INTEGER,
         url TEXT NOT NULL,
@@ -44,7 +45,10 @@ const MIGRATIONS: &[&str] = &["CREATE TABLE endpoints (
         error TEXT,
         response_excerpt TEXT
     );
-    CREATE INDEX attempts_by_delivery ON attempts (delivery);"];
+    CREATE INDEX attempts_by_delivery ON attempts (delivery);",
+    // Event sinks (NATS): the last event each one published.
+    "CREATE TABLE sinks (name TEXT PRIMARY KEY, event INTEGER NOT NULL);",
+];
 
 /// The webhook file beside a ledger file: `tally.db` → `tally.webhooks.db`.
 pub fn webhooks_path(path: &Path) -> PathBuf {
@@ -349,6 +353,39 @@ impl WebhookStore {
             out.push((delivery, attempts));
         }
         Ok(out)
+    }
+
+    /// The last event a sink published (0 for none).
+    pub fn sink_cursor(&self, name: &str) -> Result<u64, StoreError> {
+        let found: Option<i64> = self
+            .connection
+            .query_row("SELECT event FROM sinks WHERE name = ?1", params![name], |row| row.get(0))
+            .optional()?;
+        Ok(found.unwrap_or(0) as u64)
+    }
+
+    pub fn set_sink_cursor(&self, name: &str, event: u64) -> Result<(), StoreError> {
+        self.connection.execute(
+            "INSERT INTO sinks (name, event) VALUES (?1, ?2) ON CONFLICT (name) DO UPDATE SET event = ?2",
+            params![name, event as i64],
+        )?;
+        Ok(())
+    }
+
+    /// Events after `after`, oldest first: (id, type, body as delivered).
+    pub fn events_after(&self, after: u64, limit: u32) -> Result<Vec<(u64, String, String)>, StoreError> {
+        let mut statement = self.connection.prepare_cached(
+            "SELECT id, type, organization, object, at, data FROM history.events WHERE id > ?1 ORDER BY id LIMIT ?2",
+        )?;
+        let rows = statement.query_map(params![after as i64, i64::from(limit)], |row| {
+            let id = row.get::<_, i64>(0)? as u64;
+            let kind: String = row.get(1)?;
+            let organization = row.get::<_, Option<i64>>(2)?.map(|o| OrganizationId(o as u64));
+            let object: String = row.get(3)?;
+            let body = event_json(id, &kind, organization, &object, row.get(4)?, &row.get::<_, String>(5)?);
+            Ok((id, kind, body))
+        })?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
     }
 
     /// Deliveries waiting to be sent or retried.

@@ -150,6 +150,15 @@ struct ServeArgs {
     /// Time limit of one webhook delivery attempt, in seconds.
     #[arg(long, env = "TALLY_WEBHOOKS_TIMEOUT_SECONDS", default_value_t = 10)]
     webhooks_timeout_seconds: u64,
+    /// Publish every event to this NATS server's JetStream (nats://host:port); off when unset.
+    #[arg(long, env = "TALLY_NATS_URL")]
+    nats_url: Option<String>,
+    /// The JetStream stream events go to (created if missing).
+    #[arg(long, env = "TALLY_NATS_STREAM", default_value = "TALLY_EVENTS")]
+    nats_stream: String,
+    /// Events are published on `<prefix>.<event type>`.
+    #[arg(long, env = "TALLY_NATS_SUBJECT_PREFIX", default_value = "tally.events")]
+    nats_subject_prefix: String,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -223,6 +232,17 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         tally_server::AppState::new(engine.handle(), projector, HistoryReader::open(&path)?, keys, clock)
             .with_webhooks(webhooks),
     );
+    let state = match args.nats_url {
+        Some(url) => {
+            let config = tally_server::nats::NatsConfig {
+                url,
+                stream: args.nats_stream,
+                subject_prefix: args.nats_subject_prefix,
+            };
+            Arc::new(Arc::into_inner(state).expect("not shared yet").with_nats(config))
+        }
+        None => state,
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async {
         let listener = tokio::net::TcpListener::bind(&args.listen)

@@ -35,6 +35,15 @@ impl Server {
 
     /// A server on the database in `directory` (kept: a restart reuses it).
     pub async fn start_in(directory: tempfile::TempDir, allow_private: bool) -> Server {
+        Server::start_configured(directory, allow_private, None).await
+    }
+
+    /// The same, publishing events to NATS when `nats` is given.
+    pub async fn start_configured(
+        directory: tempfile::TempDir,
+        allow_private: bool,
+        nats: Option<tally_server::nats::NatsConfig>,
+    ) -> Server {
         let path = directory.path().join("api.db");
         let store = SqliteStore::open(&path).unwrap();
         let projector = Arc::new(Projector::spawn(&path).unwrap());
@@ -53,6 +62,10 @@ impl Server {
             AppState::new(engine.handle(), projector, HistoryReader::open(&path).unwrap(), keys, clock)
                 .with_webhooks(webhooks),
         );
+        let state = match nats {
+            Some(config) => Arc::new(Arc::into_inner(state).unwrap().with_nats(config)),
+            None => state,
+        };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         let (shutdown, signal) = tokio::sync::oneshot::channel::<()>();
