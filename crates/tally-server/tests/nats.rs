@@ -4,7 +4,11 @@
 
 mod common;
 
-use common::Server;
+use common::{Server, WebhookConfig};
+
+fn test_webhooks() -> WebhookConfig {
+    WebhookConfig { allow_private: true, ..WebhookConfig::default() }
+}
 use std::time::Duration;
 use tally_server::nats::NatsConfig;
 
@@ -43,7 +47,7 @@ async fn every_event_is_published_once_across_a_restart() {
     };
     let client = async_nats::connect(&url).await.expect("NATS is reachable");
     let jetstream = async_nats::jetstream::new(client);
-    let server = Server::start_configured(tempfile::tempdir().unwrap(), true, Some(config.clone())).await;
+    let server = Server::start_configured(tempfile::tempdir().unwrap(), test_webhooks(), Some(config.clone())).await;
     let (_, wallet, key) = server.organization("Acme").await;
     server.credit(&wallet, "5.00", "c1").await;
     let (_, events) = server.get("/v1/events?limit=500", &server.admin).await;
@@ -72,7 +76,7 @@ async fn every_event_is_published_once_across_a_restart() {
     assert_eq!(body["data"]["legs"][0]["amount"], "5.00");
     // Restart: nothing is published again, and new events follow.
     let directory = server.stop_keeping_data().await;
-    let server = Server::start_configured(directory, true, Some(config.clone())).await;
+    let server = Server::start_configured(directory, test_webhooks(), Some(config.clone())).await;
     server.credit(&wallet, "1.00", "c2").await;
     let _ = key;
     for _ in 0..100 {

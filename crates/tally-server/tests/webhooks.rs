@@ -5,7 +5,7 @@
 mod common;
 
 use axum::http::{HeaderMap, StatusCode as AxumStatus};
-use common::Server;
+use common::{Server, WebhookConfig};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use std::sync::{Arc, Mutex};
@@ -291,5 +291,48 @@ async fn metrics_parse_as_prometheus_text_and_count_what_happened() {
     assert_eq!(sample(&text, r#"tally_engine_rejections_total{code="insufficient_funds"}"#), Some(1.0));
     assert!(sample(&text, "tally_engine_commit_seconds_count").unwrap() >= 1.0, "{text}");
     assert!(sample(&text, "tally_webhook_backlog").is_some(), "{text}");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_failing_for_the_whole_window_is_disabled_and_the_platform_told() {
+    let config =
+        WebhookConfig { allow_private: true, retry_first_ms: 100, retry_window_ms: 1_000, ..WebhookConfig::default() };
+    let server = Server::start_configured(tempfile::tempdir().unwrap(), config, None).await;
+    let (receiver, url) = Receiver::start(u32::MAX, 200).await;
+    let (_, wallet, key) = server.organization("Acme").await;
+    let (_, endpoint) = server
+        .post("/v1/webhook-endpoints", &key, None, json!({"url": url, "event_types": ["operation.created"]}))
+        .await;
+    let id = endpoint["id"].as_str().unwrap().to_string();
+    server.credit(&wallet, "5.00", "c1").await;
+    let mut disabled = Value::Null;
+    for _ in 0..100 {
+        let (_, current) = server.get(&format!("/v1/webhook-endpoints/{id}"), &key).await;
+        if current["enabled"] == false {
+            disabled = current;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(disabled["enabled"], false, "the endpoint was never disabled");
+    assert!(disabled["disabled_reason"].as_str().unwrap().contains("failed"));
+    assert!(receiver.bodies().len() >= 2, "it was retried before giving up");
+    let (_, deliveries) = server.get(&format!("/v1/webhook-endpoints/{id}/deliveries"), &key).await;
+    assert_eq!(deliveries["data"][0]["status"], "failed");
+    // The platform hears of it; the organization's own event list does not carry it.
+    let mut notice = Value::Null;
+    for _ in 0..50 {
+        let (_, events) = server.get("/v1/events?type=webhook_endpoint.disabled", &server.admin).await;
+        if let Some(first) = events["data"].as_array().and_then(|a| a.first()) {
+            notice = first.clone();
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(notice["object_id"], id.as_str(), "{notice}");
+    assert_eq!(notice["organization"], Value::Null);
+    let (_, theirs) = server.get("/v1/events?type=webhook_endpoint.disabled", &key).await;
+    assert_eq!(theirs["data"], json!([]));
     server.stop().await;
 }

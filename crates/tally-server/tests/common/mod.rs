@@ -6,7 +6,7 @@ use reqwest::{Client, StatusCode};
 use serde_json::{json, Value};
 use std::sync::Arc;
 use tally_engine::{Clock, Engine, EngineConfig, SystemClock};
-use tally_server::webhooks::{WebhookConfig, Webhooks};
+pub use tally_server::webhooks::{WebhookConfig, Webhooks};
 use tally_server::{generate_key, AppState, KeyRing};
 use tally_store::webhooks::WebhookStore;
 use tally_store::{ApiKeys, HistoryReader, Projector, SqliteStore};
@@ -35,13 +35,14 @@ impl Server {
 
     /// A server on the database in `directory` (kept: a restart reuses it).
     pub async fn start_in(directory: tempfile::TempDir, allow_private: bool) -> Server {
-        Server::start_configured(directory, allow_private, None).await
+        let config = WebhookConfig { allow_private, retry_first_ms: 200, ..WebhookConfig::default() };
+        Server::start_configured(directory, config, None).await
     }
 
     /// The same, publishing events to NATS when `nats` is given.
     pub async fn start_configured(
         directory: tempfile::TempDir,
-        allow_private: bool,
+        webhooks: WebhookConfig,
         nats: Option<tally_server::nats::NatsConfig>,
     ) -> Server {
         let path = directory.path().join("api.db");
@@ -54,10 +55,7 @@ impl Server {
                 .unwrap();
         let keys = KeyRing::new(ApiKeys::open(&path).unwrap()).unwrap();
         let admin = keys.insert(generate_key(None, true, "test", clock.now(), None)).unwrap().secret;
-        let webhooks = Webhooks::new(
-            WebhookStore::open(&path).unwrap(),
-            WebhookConfig { allow_private, retry_first_ms: 200, ..WebhookConfig::default() },
-        );
+        let webhooks = Webhooks::new(WebhookStore::open(&path).unwrap(), webhooks);
         let state = Arc::new(
             AppState::new(engine.handle(), projector, HistoryReader::open(&path).unwrap(), keys, clock)
                 .with_webhooks(webhooks),

@@ -1,0 +1,243 @@
+//! Every change makes exactly the events the catalog promises, and a refused command
+//! makes none: commands run through the real state machine, and each accepted
+//! command's receipt goes through `events::derive`, as the projector does.
+
+use std::collections::HashMap;
+use tally_ledger::billing::*;
+use tally_ledger::*;
+use tally_store::events::{derive, Directory, NewEvent, EVENT_TYPES};
+
+const START: Timestamp = 1_700_000_000_000;
+
+/// What the projector's directory tables would hold.
+#[derive(Default)]
+struct Memory {
+    wallets: HashMap<WalletId, (OrganizationId, Currency)>,
+    holds: HashMap<HoldId, WalletId>,
+    subscriptions: HashMap<SubscriptionId, (OrganizationId, OrganizationId)>,
+}
+
+impl Directory for Memory {
+    fn wallet(&mut self, wallet: WalletId) -> Option<(OrganizationId, Currency)> {
+        self.wallets.get(&wallet).copied()
+    }
+    fn hold_wallet(&mut self, hold: HoldId) -> Option<WalletId> {
+        self.holds.get(&hold).copied()
+    }
+    fn subscription(&mut self, subscription: SubscriptionId) -> Option<(OrganizationId, OrganizationId)> {
+        self.subscriptions.get(&subscription).copied()
+    }
+}
+
+struct World {
+    state: State,
+    directory: Memory,
+    now: Timestamp,
+}
+
+impl World {
+    /// Applies a command; returns the kinds and owners of the events it made.
+    fn run(&mut self, command: Command) -> Vec<(&'static str, Option<u64>)> {
+        let receipt = match self.state.apply(&command, self.now) {
+            Ok(receipt) => receipt,
+            Err(_) => return Vec::new(), // a refusal is never journaled, so it has no events
+        };
+        match (&command, &receipt) {
+            (Command::CreateWallet { organization, currency, .. }, Receipt::WalletCreated(id)) => {
+                self.directory.wallets.insert(*id, (*organization, *currency));
+            }
+            (Command::Move { action: MoneyAction::PlaceHold { wallet, .. }, .. }, Receipt::HoldPlaced { hold, .. }) => {
+                self.directory.holds.insert(*hold, *wallet);
+            }
+            (Command::CreatePlan { spec }, Receipt::PlanCreated { wallet_created: Some(id), .. }) => {
+                self.directory.wallets.insert(*id, (spec.merchant, spec.currency));
+            }
+            (Command::Subscribe { consumer, plan }, Receipt::Subscription { subscription, wallet_created, .. }) => {
+                let spec = &self.state.plan(*plan).unwrap().spec;
+                if let Some(id) = wallet_created {
+                    self.directory.wallets.insert(*id, (*consumer, spec.currency));
+                }
+                self.directory.subscriptions.insert(*subscription, (*consumer, spec.merchant));
+            }
+            _ => {}
+        }
+        let events: Vec<NewEvent> = derive(&command, &receipt, &mut self.directory);
+        for event in &events {
+            assert!(EVENT_TYPES.contains(&event.kind), "{} is not in the catalog", event.kind);
+        }
+        events.iter().map(|e| (e.kind, e.organization.map(|o| o.0))).collect()
+    }
+}
+
+fn usd() -> Currency {
+    Currency::parse("USD").unwrap()
+}
+
+fn money(text: &str) -> Money {
+    Money::parse(text, "USD").unwrap()
+}
+
+fn mv(name: &str, action: MoneyAction) -> Command {
+    Command::Move { key: IdempotencyKey::new("t", name).unwrap(), action }
+}
+
+fn credit(wallet: u64, amount: &str, grant: Option<GrantSpec>) -> MoneyAction {
+    MoneyAction::Credit {
+        wallet: WalletId(wallet),
+        amount: money(amount),
+        kind: CreditKind::TopUp,
+        source: if grant.is_some() { AdjustmentSource::Promotions } else { AdjustmentSource::ExternalFunding },
+        grant,
+        reason: String::new(),
+    }
+}
+
+#[test]
+fn every_change_makes_its_events_and_refusals_none() {
+    let mut w = World { state: State::new(Settings::default()), directory: Memory::default(), now: START };
+    let merchant = Roles { merchant: true, consumer: false };
+    assert_eq!(
+        w.run(Command::CreateOrganization { name: "m".into(), roles: merchant }),
+        vec![("organization.created", Some(1))]
+    );
+    assert_eq!(
+        w.run(Command::CreateOrganization { name: "c".into(), roles: Roles::default() }),
+        vec![("organization.created", Some(2))]
+    );
+    let wallet = |organization| Command::CreateWallet {
+        organization: OrganizationId(organization),
+        currency: usd(),
+        low_balance_threshold: None,
+        additional: false,
+    };
+    assert_eq!(w.run(wallet(1)), vec![("wallet.created", Some(1))]);
+    assert_eq!(w.run(wallet(2)), vec![("wallet.created", Some(2))]);
+    assert_eq!(w.run(wallet(2)), vec![], "refused: the wallet exists");
+    let threshold = Command::SetLowBalanceThreshold { wallet: WalletId(2), threshold: Some(Amount::from_major(1)) };
+    assert_eq!(w.run(threshold), vec![("wallet.updated", Some(2))]);
+    assert_eq!(w.run(mv("c1", credit(2, "3.00", None))), vec![("operation.created", Some(2))]);
+    let spec = GrantSpec {
+        category: GrantCategory::Promotional,
+        priority: 1,
+        expires_at: Some(START + 1000),
+        applicability: None,
+    };
+    assert_eq!(
+        w.run(mv("g1", credit(2, "1.00", Some(spec)))),
+        vec![("grant.created", Some(2)), ("operation.created", Some(2))]
+    );
+    let refused_debit = MoneyAction::Debit {
+        wallet: WalletId(2),
+        amount: money("80.00"),
+        source: AdjustmentSource::ExternalFunding,
+        reason: String::new(),
+    };
+    assert_eq!(w.run(mv("d1", refused_debit)), vec![]);
+    let transfer = MoneyAction::Transfer {
+        from: WalletId(2),
+        to: WalletId(1),
+        amount: money("0.50"),
+        fee: Fee::None,
+        kind: TransferKind::Transfer,
+        product: None,
+        description: String::new(),
+    };
+    assert_eq!(w.run(mv("t1", transfer)), vec![("operation.created", Some(2)), ("operation.created", Some(1))]);
+    let hold = |name: &str| {
+        mv(
+            name,
+            MoneyAction::PlaceHold {
+                wallet: WalletId(2),
+                amount: money("0.25"),
+                ttl_ms: 60_000,
+                exclusive: false,
+                payee: None,
+                product: None,
+                description: String::new(),
+            },
+        )
+    };
+    assert_eq!(w.run(hold("h1")), vec![("hold.placed", Some(2))]);
+    let capture = MoneyAction::CaptureHold { hold: HoldId(1), amount: None, to: WalletId(1), fee: Fee::None };
+    assert_eq!(
+        w.run(mv("cap1", capture)),
+        vec![("hold.captured", Some(2)), ("operation.created", Some(2)), ("operation.created", Some(1))]
+    );
+    assert_eq!(w.run(hold("h2")), vec![("hold.placed", Some(2))]);
+    assert_eq!(w.run(mv("rel2", MoneyAction::ReleaseHold { hold: HoldId(2) })), vec![("hold.released", Some(2))]);
+    assert_eq!(w.run(mv("rel2b", MoneyAction::ReleaseHold { hold: HoldId(2) })), vec![], "refused: resolved");
+    assert_eq!(w.run(hold("h3")), vec![("hold.placed", Some(2))]);
+    // Time passes: the grant expires and the hold expires, each with its event.
+    w.now = START + 61_000;
+    assert_eq!(w.run(Command::Tick), vec![("hold.expired", Some(2)), ("grant.expired", Some(2))]);
+    // Usage billing.
+    assert_eq!(
+        w.run(Command::CreateProduct { merchant: OrganizationId(1), name: "p".into() }),
+        vec![("product.created", Some(1))]
+    );
+    let meter = Command::CreateMeter {
+        merchant: OrganizationId(1),
+        code: "calls".into(),
+        unit: "call".into(),
+        aggregation: Aggregation::Count,
+        product: Some(ProductId(1)),
+    };
+    assert_eq!(w.run(meter), vec![("meter.created", Some(1))]);
+    let spec = PlanSpec {
+        merchant: OrganizationId(1),
+        name: "calls".into(),
+        currency: usd(),
+        period: BillingPeriod::Day,
+        recurring_fee: Some(Amount::from_major(1)),
+        prices: vec![Price {
+            meter: MeterId(1),
+            model: PriceModel::PerUnit { unit_price: Amount::parse("0.40").unwrap() },
+        }],
+        platform_fee: None,
+        replaces: None,
+    };
+    assert_eq!(w.run(Command::CreatePlan { spec }), vec![("plan.created", Some(1))]);
+    // Subscribing charges the 1.00 fee (3.00 → 2.00; the expired grant's 0.25 is gone):
+    // created, for both parties, and the fee.
+    assert_eq!(
+        w.run(Command::Subscribe { consumer: OrganizationId(2), plan: PlanId(1) }),
+        vec![
+            ("subscription.created", Some(2)),
+            ("subscription.created", Some(1)),
+            ("operation.created", Some(2)),
+            ("operation.created", Some(1))
+        ]
+    );
+    let usage = |id: &str| Command::Usage {
+        merchant: OrganizationId(1),
+        events: vec![UsageEvent {
+            key: IdempotencyKey::new("usage:org_1", id).unwrap(),
+            consumer: OrganizationId(2),
+            meter: "calls".into(),
+            quantity: Quantity::ONE,
+            at: START + 61_000,
+            properties: Vec::new(),
+            reservation: None,
+            finish: false,
+        }],
+    };
+    // 2.00 → 1.60 → 1.20: above the 1.00 threshold. → 0.80: below it, reported once.
+    assert_eq!(w.run(usage("u1")), vec![("usage.charged", Some(2))]);
+    assert_eq!(w.run(usage("u2")), vec![("usage.charged", Some(2))]);
+    assert_eq!(w.run(usage("u3")), vec![("usage.charged", Some(2)), ("balance.low", Some(2))]);
+    assert_eq!(w.run(usage("u4")), vec![("usage.charged", Some(2))]);
+    assert_eq!(w.run(usage("u4")), vec![], "a duplicate charges nothing and says nothing");
+    // The next period's fee cannot be paid (0.40 left): past due.
+    w.now = START + 61_000 + 86_400_000;
+    assert_eq!(w.run(Command::Tick), vec![("subscription.past_due", Some(2)), ("subscription.past_due", Some(1))]);
+    let cancel = Command::CancelSubscription { subscription: SubscriptionId(1), at_period_end: false };
+    assert_eq!(w.run(cancel), vec![("subscription.canceled", Some(2)), ("subscription.canceled", Some(1))]);
+    // A notice from outside the ledger, for the platform.
+    let notice = Command::Notice {
+        kind: "webhook_endpoint.disabled".into(),
+        organization: None,
+        object: "whe_1".into(),
+        data: "{}".into(),
+    };
+    assert_eq!(w.run(notice), vec![("webhook_endpoint.disabled", None)]);
+}
