@@ -252,15 +252,25 @@ impl WebhookStore {
         Ok(events.len())
     }
 
-    /// Pending deliveries due at `now`, oldest first, with their endpoint and body.
+    /// Pending deliveries due at `now`, with their endpoint and body: the oldest one of
+    /// each endpoint, so an endpoint gets its events one at a time, in order (a delivery
+    /// waiting for a retry does not hold back the ones after it).
     pub fn due(&self, now: Timestamp, limit: u32) -> Result<Vec<DueDelivery>, StoreError> {
         let sql = format!(
-            "SELECT {DELIVERY_COLUMNS} FROM deliveries WHERE status = 'pending' AND next_at <= ?1 ORDER BY next_at, id LIMIT ?2"
+            "SELECT {DELIVERY_COLUMNS} FROM deliveries WHERE status = 'pending' AND next_at <= ?1 ORDER BY event, id LIMIT ?2"
         );
         let deliveries: Vec<Delivery> = {
             let mut statement = self.connection.prepare_cached(&sql)?;
             let rows = statement.query_map(params![now, i64::from(limit)], delivery_row)?;
-            rows.collect::<Result<Vec<_>, _>>()?
+            let mut seen = std::collections::HashSet::new();
+            let mut first_of_each = Vec::new();
+            for delivery in rows {
+                let delivery = delivery?;
+                if seen.insert(delivery.endpoint) {
+                    first_of_each.push(delivery);
+                }
+            }
+            first_of_each
         };
         let mut due = Vec::with_capacity(deliveries.len());
         for delivery in deliveries {

@@ -68,6 +68,18 @@ enum WebhooksCommand {
         #[arg(long, default_value_t = tally_server::webhooks::SIGNATURE_TOLERANCE_S)]
         tolerance_seconds: i64,
     },
+    /// A receiver for trying webhooks out: answers 200 to signed deliveries (400 to
+    /// ones whose signature does not verify) and prints each event.
+    Listen {
+        #[arg(long, default_value = "127.0.0.1:9000")]
+        listen: String,
+        /// The endpoint's signing secret; without it, signatures are not checked.
+        #[arg(long, env = "TALLY_WEBHOOK_SECRET", hide_env_values = true)]
+        secret: Option<String>,
+        /// Print nothing per event (for load tests).
+        #[arg(long)]
+        quiet: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -175,6 +187,7 @@ fn main() -> anyhow::Result<()> {
         Commands::Serve(args) => serve(args),
         Commands::Bench(args) => bench::run(args),
         Commands::Check { database } => check(database),
+        Commands::Webhooks(WebhooksCommand::Listen { listen, secret, quiet }) => webhook_listener(listen, secret, quiet),
         Commands::Webhooks(WebhooksCommand::Verify { secret, header, body, tolerance_seconds }) => {
             let body = std::fs::read(&body).with_context(|| format!("reading {}", body.display()))?;
             let now = tally_engine::Clock::now(&SystemClock) / 1000;
@@ -329,4 +342,36 @@ fn check(database: PathBuf) -> anyhow::Result<()> {
 /// The `t=` part of a signature header, for the verify report.
 fn signature_time(header: &str) -> i64 {
     header.split(',').find_map(|part| part.trim().strip_prefix("t=")?.parse().ok()).unwrap_or(0)
+}
+
+/// `tally webhooks listen`: a small receiver that checks signatures and prints events.
+fn webhook_listener(listen: String, secret: Option<String>, quiet: bool) -> anyhow::Result<()> {
+    use axum::http::{HeaderMap, StatusCode};
+    let secret = Arc::new(secret);
+    let receive = move |headers: HeaderMap, body: axum::body::Bytes| {
+        let secret = secret.clone();
+        async move {
+            let header = headers.get("tally-signature").and_then(|v| v.to_str().ok()).unwrap_or_default();
+            if let Some(secret) = secret.as_deref() {
+                let now = tally_engine::Clock::now(&SystemClock) / 1000;
+                let tolerance = tally_server::webhooks::SIGNATURE_TOLERANCE_S;
+                if let Err(error) = tally_server::webhooks::verify(secret, header, &body, now, tolerance) {
+                    eprintln!("refused a delivery: {error}");
+                    return StatusCode::BAD_REQUEST;
+                }
+            }
+            if !quiet {
+                println!("{}", String::from_utf8_lossy(&body));
+            }
+            StatusCode::OK
+        }
+    };
+    let app = axum::Router::new().fallback(axum::routing::post(receive));
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind(&listen).await.with_context(|| format!("listening on {listen}"))?;
+        eprintln!("receiving webhooks on http://{}", listener.local_addr()?);
+        axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await?;
+        anyhow::Ok(())
+    })
 }
