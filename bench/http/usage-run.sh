@@ -2,7 +2,9 @@
 # HTTP usage-billing benchmark: `tally serve` on a fresh temporary database, wrk on the
 # same machine over loopback: usage batches of 10,000 events (4 connections), single
 # usage events (64 connections), access checks (64 connections).
-# Needs wrk (Debian package `wrk`). Env: DURATION (default 20s), CONSUMERS (default 200).
+# Needs wrk (Debian package `wrk`). Env: DURATION (default 20s), CONSUMERS (default 200),
+# WEBHOOK_URL (if set, a platform webhook endpoint for every event type points there),
+# ONLY (batch, single or access: run one of the three).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 DURATION="${DURATION:-20s}"
@@ -13,7 +15,7 @@ cargo build --release --quiet
 tally=${CARGO_TARGET_DIR:-target}/release/tally
 data=$(mktemp -d)
 trap 'kill $server 2>/dev/null; wait $server 2>/dev/null; rm -rf "$data"' EXIT
-TALLY_LOG=warn "$tally" serve --data-dir "$data" --listen "127.0.0.1:$PORT" > "$data/out.txt" &
+TALLY_LOG=warn "$tally" serve --data-dir "$data" --listen "127.0.0.1:$PORT" --webhooks-allow-private > "$data/out.txt" &
 server=$!
 for _ in $(seq 50); do grep -q tly_adm_ "$data/out.txt" 2>/dev/null && break; sleep 0.1; done
 admin=$(grep -o 'tly_adm_[0-9a-f]*' "$data/out.txt")
@@ -29,9 +31,19 @@ for n in $(seq 2 $((TALLY_CONSUMERS + 1))); do
   api POST "/v1/wallets/$wallet/adjustments" "fund-$n" '{"direction":"credit","amount":"100000.00","currency":"USD","reason":"bench"}' > /dev/null
   api POST /v1/subscriptions "" "{\"consumer\":\"org_$n\",\"plan\":\"pln_1\"}" > /dev/null
 done
+if [ -n "${WEBHOOK_URL:-}" ]; then
+  echo "== webhooks on: a platform endpoint for every event type -> $WEBHOOK_URL"
+  api POST /v1/webhook-endpoints "" "{\"url\":\"$WEBHOOK_URL\",\"event_types\":[\"*\"]}" > /dev/null
+fi
+if [ -z "${ONLY:-}" ] || [ "$ONLY" = batch ]; then
 echo "== usage batches of 10,000 events: TALLY_BATCH=10000 wrk -t2 -c4 -d$DURATION --latency -s bench/http/usage.lua"
 TALLY_BATCH=10000 wrk -t2 -c4 -d"$DURATION" --timeout 30s --latency -s bench/http/usage.lua "http://127.0.0.1:$PORT" | grep -E "Latency|50%|99%|Requests/sec|requests in|Non-2xx|unexpected" | head -12
+fi
+if [ -z "${ONLY:-}" ] || [ "$ONLY" = single ]; then
 echo "== single usage events: wrk -t2 -c64 -d$DURATION --latency -s bench/http/usage.lua"
 wrk -t2 -c64 -d"$DURATION" --latency -s bench/http/usage.lua "http://127.0.0.1:$PORT" | grep -E "Latency|50%|99%|Requests/sec|requests in|Non-2xx|unexpected" | head -12
+fi
+if [ -z "${ONLY:-}" ] || [ "$ONLY" = access ]; then
 echo "== access checks: wrk -t2 -c64 -d$DURATION --latency -s bench/http/access-check.lua"
 wrk -t2 -c64 -d"$DURATION" --latency -s bench/http/access-check.lua "http://127.0.0.1:$PORT" | grep -E "Latency|50%|99%|Requests/sec|requests in|Non-2xx|unexpected" | head -12
+fi

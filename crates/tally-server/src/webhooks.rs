@@ -15,7 +15,9 @@ use utoipa_axum::routes;
 const POLL_INTERVAL: Duration = Duration::from_millis(200);
 /// Events fanned out, and deliveries sent, per round.
 const EVENTS_PER_ROUND: u32 = 1_000;
-const DELIVERIES_PER_ROUND: u32 = 64;
+const DELIVERIES_PER_ROUND: u32 = 1_000;
+/// Deliveries one endpoint is sent per round, one after another.
+const DELIVERIES_PER_ENDPOINT: usize = 100;
 /// First retry delay; each retry doubles it, up to `RETRY_DELAY_MAX_MS`.
 const RETRY_DELAY_FIRST_MS: i64 = 10_000;
 const RETRY_DELAY_MAX_MS: i64 = 6 * 3600 * 1000;
@@ -211,32 +213,22 @@ fn retry_delay(first_ms: i64, attempts: u32) -> i64 {
     first_ms.saturating_mul(1i64 << attempts.min(20)).min(RETRY_DELAY_MAX_MS)
 }
 
-async fn send(due: &DueDelivery, config: &WebhookConfig, now: Timestamp) -> Attempt {
-    let started = std::time::Instant::now();
-    let finish = |status: Option<u16>, error: Option<String>, excerpt: Option<String>| Attempt {
-        at: now,
-        status,
-        latency_ms: started.elapsed().as_millis() as u64,
-        error,
-        response_excerpt: excerpt,
-    };
-    let url = match check_url(&due.endpoint.url) {
-        Ok(url) => url,
-        Err(error) => return finish(None, Some(error.detail), None),
-    };
-    let address = match resolve(&url, config.allow_private).await {
-        Ok(address) => address,
-        Err(error) => return finish(None, Some(error), None),
-    };
+/// A client for one endpoint: its URL checked, its host resolved and checked, and the
+/// connection pinned to that address; no redirects; a time limit per attempt.
+async fn client_for(endpoint: &Endpoint, config: &WebhookConfig) -> Result<(reqwest::Client, reqwest::Url), String> {
+    let url = check_url(&endpoint.url).map_err(|error| error.detail)?;
+    let address = resolve(&url, config.allow_private).await?;
     let client = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .timeout(config.timeout)
         .resolve(url.host_str().unwrap_or_default(), address)
-        .build();
-    let client = match client {
-        Ok(client) => client,
-        Err(error) => return finish(None, Some(error.to_string()), None),
-    };
+        .build()
+        .map_err(|error| error.to_string())?;
+    Ok((client, url))
+}
+
+async fn post(client: &reqwest::Client, url: &reqwest::Url, due: &DueDelivery, now: Timestamp) -> Attempt {
+    let started = std::time::Instant::now();
     let mut secrets = vec![due.endpoint.secret.as_str()];
     if let (Some(previous), Some(until)) = (&due.endpoint.previous_secret, due.endpoint.previous_until) {
         if until > now {
@@ -245,7 +237,7 @@ async fn send(due: &DueDelivery, config: &WebhookConfig, now: Timestamp) -> Atte
     }
     let signature = sign(&secrets, now / 1000, due.body.as_bytes());
     let response = client
-        .post(url)
+        .post(url.clone())
         .header("content-type", "application/json")
         .header("tally-signature", signature)
         .header("tally-event-id", format!("evt_{}", due.delivery.event))
@@ -253,27 +245,54 @@ async fn send(due: &DueDelivery, config: &WebhookConfig, now: Timestamp) -> Atte
         .body(due.body.clone())
         .send()
         .await;
-    match response {
+    let (status, error, excerpt) = match response {
         Ok(response) => {
             let status = response.status().as_u16();
             let text = response.text().await.unwrap_or_default();
             let excerpt: String = text.chars().take(RESPONSE_EXCERPT_BYTES).collect();
             let error = (!(200..300).contains(&status)).then(|| format!("answered {status}"));
-            finish(Some(status), error, Some(excerpt))
+            (Some(status), error, Some(excerpt))
         }
-        Err(error) => finish(None, Some(error.to_string()), None),
+        Err(error) => (None, Some(error.to_string()), None),
+    };
+    Attempt { at: now, status, latency_ms: started.elapsed().as_millis() as u64, error, response_excerpt: excerpt }
+}
+
+/// Sends one endpoint's due deliveries one after another, in event order, on one
+/// client; stops at the first failure (the rest wait for the next round).
+async fn send_in_order(batch: Vec<DueDelivery>, config: &WebhookConfig, now: Timestamp) -> Vec<(DueDelivery, Attempt)> {
+    let mut out = Vec::with_capacity(batch.len());
+    let Some(first) = batch.first() else { return out };
+    match client_for(&first.endpoint, config).await {
+        Err(error) => {
+            let attempt = Attempt { at: now, status: None, latency_ms: 0, error: Some(error), response_excerpt: None };
+            if let Some(due) = batch.into_iter().next() {
+                out.push((due, attempt));
+            }
+        }
+        Ok((client, url)) => {
+            for due in batch {
+                let attempt = post(&client, &url, &due, now).await;
+                let failed = attempt.error.is_some();
+                out.push((due, attempt));
+                if failed {
+                    break;
+                }
+            }
+        }
     }
+    out
 }
 
 /// One round: new events become deliveries; due deliveries are sent; outcomes are
-/// recorded. Returns whether there was anything to do.
+/// recorded in one transaction. Returns whether there was anything to do.
 async fn round(app: &Arc<AppState>, webhooks: &Arc<Webhooks>) -> Result<bool, String> {
     let now = app.now();
     let hooks = webhooks.clone();
     let (fanned, due) = tokio::task::spawn_blocking(move || {
         let mut store = hooks.store.lock().expect("webhook store lock");
         let fanned = store.fan_out(now, EVENTS_PER_ROUND)?;
-        let due = store.due(now, DELIVERIES_PER_ROUND)?;
+        let due = store.due(now, DELIVERIES_PER_ENDPOINT, DELIVERIES_PER_ROUND)?;
         Ok::<_, tally_store::StoreError>((fanned, due))
     })
     .await
@@ -283,37 +302,41 @@ async fn round(app: &Arc<AppState>, webhooks: &Arc<Webhooks>) -> Result<bool, St
         return Ok(fanned > 0);
     }
     let config = webhooks.config.clone();
-    let sends = due.iter().map(|d| send(d, &config, now));
-    let attempts = futures::future::join_all(sends).await;
+    let mut by_endpoint: std::collections::BTreeMap<u64, Vec<DueDelivery>> = std::collections::BTreeMap::new();
+    for delivery in due {
+        by_endpoint.entry(delivery.endpoint.id).or_default().push(delivery);
+    }
+    let sends = by_endpoint.into_values().map(|batch| send_in_order(batch, &config, now));
+    let results: Vec<(DueDelivery, Attempt)> = futures::future::join_all(sends).await.into_iter().flatten().collect();
+    let mut records = Vec::with_capacity(results.len());
+    let mut failed_endpoints = Vec::new();
+    for (due, attempt) in &results {
+        let attempts_after = due.delivery.attempts + 1;
+        let (status, next_at) = if attempt.error.is_none() {
+            ("delivered", now)
+        } else if now.saturating_sub(due.delivery.first_at) >= config.retry_window_ms {
+            ("failed", now)
+        } else {
+            ("pending", now.saturating_add(retry_delay(config.retry_first_ms, attempts_after - 1)))
+        };
+        let outcome = if status == "pending" { "retry" } else { status };
+        app.metrics.webhook_deliveries.get_or_create(&crate::metrics::OutcomeLabels { outcome: outcome.into() }).inc();
+        if status == "failed" && due.endpoint.enabled {
+            failed_endpoints.push((due.endpoint.clone(), due.delivery.first_at));
+        }
+        records.push((due.delivery.id, attempt.clone(), status, next_at));
+    }
     let mut disabled = Vec::new();
     {
-        let store = webhooks.store.lock().expect("webhook store lock");
-        for (due, attempt) in due.iter().zip(attempts) {
-            let delivered = attempt.error.is_none();
-            let attempts_after = due.delivery.attempts + 1;
-            let (status, next_at) = if delivered {
-                ("delivered", now)
-            } else if now.saturating_sub(due.delivery.first_at) >= config.retry_window_ms {
-                ("failed", now)
-            } else {
-                ("pending", now.saturating_add(retry_delay(config.retry_first_ms, attempts_after - 1)))
-            };
-            store.record_attempt(due.delivery.id, &attempt, status, next_at).map_err(|e| e.to_string())?;
-            let outcome = if status == "pending" { "retry" } else { status };
-            app.metrics
-                .webhook_deliveries
-                .get_or_create(&crate::metrics::OutcomeLabels { outcome: outcome.into() })
-                .inc();
-            if status == "failed" && due.endpoint.enabled {
-                let since = due.delivery.first_at;
-                if !store.delivered_since(due.endpoint.id, since).map_err(|e| e.to_string())? {
-                    let reason = format!("every delivery failed for {} hours", config.retry_window_ms / 3_600_000);
-                    let endpoint = &due.endpoint;
-                    store
-                        .update_endpoint(endpoint.id, &endpoint.url, &endpoint.event_types, false, Some(&reason))
-                        .map_err(|e| e.to_string())?;
-                    disabled.push((endpoint.clone(), reason));
-                }
+        let mut store = webhooks.store.lock().expect("webhook store lock");
+        store.record_attempts(&records).map_err(|e| e.to_string())?;
+        for (endpoint, since) in failed_endpoints {
+            if !store.delivered_since(endpoint.id, since).map_err(|e| e.to_string())? {
+                let reason = format!("every delivery failed for {} s", config.retry_window_ms / 1000);
+                store
+                    .update_endpoint(endpoint.id, &endpoint.url, &endpoint.event_types, false, Some(&reason))
+                    .map_err(|e| e.to_string())?;
+                disabled.push((endpoint, reason));
             }
         }
     }

@@ -336,3 +336,29 @@ async fn an_endpoint_failing_for_the_whole_window_is_disabled_and_the_platform_t
     assert_eq!(theirs["data"], json!([]));
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_receives_its_events_in_order() {
+    let server = Server::start().await;
+    let (receiver, url) = Receiver::start(0, 200).await;
+    let (_, wallet, key) = server.organization("Acme").await;
+    server.post("/v1/webhook-endpoints", &key, None, json!({"url": url, "event_types": ["operation.created"]})).await;
+    for i in 0..20 {
+        server.credit(&wallet, "1.00", &format!("c{i}")).await;
+    }
+    wait_until(|| receiver.bodies().len() >= 20).await;
+    let ids: Vec<u64> = receiver
+        .bodies()
+        .iter()
+        .map(|(_, body)| {
+            let event: Value = serde_json::from_str(body).unwrap();
+            event["id"].as_str().unwrap().trim_start_matches("evt_").parse().unwrap()
+        })
+        .collect();
+    let mut sorted = ids.clone();
+    sorted.sort_unstable();
+    sorted.dedup();
+    assert_eq!(ids, sorted, "delivered out of order or twice");
+    assert_eq!(ids.len(), 20);
+    server.stop().await;
+}

@@ -187,7 +187,9 @@ fn main() -> anyhow::Result<()> {
         Commands::Serve(args) => serve(args),
         Commands::Bench(args) => bench::run(args),
         Commands::Check { database } => check(database),
-        Commands::Webhooks(WebhooksCommand::Listen { listen, secret, quiet }) => webhook_listener(listen, secret, quiet),
+        Commands::Webhooks(WebhooksCommand::Listen { listen, secret, quiet }) => {
+            webhook_listener(listen, secret, quiet)
+        }
         Commands::Webhooks(WebhooksCommand::Verify { secret, header, body, tolerance_seconds }) => {
             let body = std::fs::read(&body).with_context(|| format!("reading {}", body.display()))?;
             let now = tally_engine::Clock::now(&SystemClock) / 1000;
@@ -369,7 +371,8 @@ fn webhook_listener(listen: String, secret: Option<String>, quiet: bool) -> anyh
     let app = axum::Router::new().fallback(axum::routing::post(receive));
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async {
-        let listener = tokio::net::TcpListener::bind(&listen).await.with_context(|| format!("listening on {listen}"))?;
+        let listener =
+            tokio::net::TcpListener::bind(&listen).await.with_context(|| format!("listening on {listen}"))?;
         eprintln!("receiving webhooks on http://{}", listener.local_addr()?);
         axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await?;
         anyhow::Ok(())
