@@ -390,6 +390,8 @@ pub enum Command {
         /// The object's JSON.
         data: String,
     },
+    /// Payment methods, taxes, top-ups and checkouts (see `payments.rs`).
+    Payment(crate::payments::PaymentCommand),
 }
 
 impl Command {
@@ -412,6 +414,7 @@ impl Command {
         "cancel_subscription",
         "usage",
         "notice",
+        "payment",
     ];
 
     pub fn kind_index(&self) -> usize {
@@ -433,6 +436,7 @@ impl Command {
             Command::CancelSubscription { .. } => 14,
             Command::Usage { .. } => 15,
             Command::Notice { .. } => 16,
+            Command::Payment(_) => 17,
         }
     }
 }
@@ -454,6 +458,8 @@ pub enum OperationKind {
     GrantVoid,
     /// A subscription's recurring fee.
     RecurringFee,
+    /// A checkout: the wallet part and the card part to the merchant, less the fee.
+    Checkout,
 }
 
 impl OperationKind {
@@ -469,6 +475,7 @@ impl OperationKind {
             OperationKind::GrantExpiry => "grant_expiry",
             OperationKind::GrantVoid => "grant_void",
             OperationKind::RecurringFee => "recurring_fee",
+            OperationKind::Checkout => "checkout",
         }
     }
 }
@@ -580,6 +587,7 @@ pub enum Receipt {
     },
     /// A repeat of an idempotency key: the original result, not applied again.
     Replayed(ReceiptRef),
+    Payment(crate::payments::PaymentReceipt),
 }
 
 impl Receipt {
@@ -616,6 +624,10 @@ impl Receipt {
                 operations.iter().chain(renewals.iter().filter_map(|r| r.fee.as_ref())).collect()
             }
             Receipt::Subscription { fee, .. } => fee.iter().collect(),
+            Receipt::Payment(
+                crate::payments::PaymentReceipt::TopUp { operation, .. }
+                | crate::payments::PaymentReceipt::Checkout { operation, .. },
+            ) => operation.iter().collect(),
             Receipt::Usage { results } => {
                 results.iter().filter_map(|r| r.as_ref().ok().and_then(|c| c.operation.as_ref())).collect()
             }

@@ -45,6 +45,9 @@ id_type!(ProductId, "prd");
 id_type!(MeterId, "mtr");
 id_type!(PlanId, "pln");
 id_type!(SubscriptionId, "sub");
+id_type!(PaymentMethodId, "pm");
+id_type!(TopUpId, "top");
+id_type!(CheckoutId, "chk");
 
 #[cfg(test)]
 mod tests {

@@ -6,6 +6,7 @@ pub mod command;
 pub mod ids;
 pub mod keys;
 pub mod money;
+pub mod payments;
 pub mod rejection;
 pub mod state;
 mod usage;
@@ -13,6 +14,7 @@ mod usage;
 pub use command::*;
 pub use ids::*;
 pub use money::{Amount, Currency, Money, MoneyError, PartsPerMillion};
+pub use payments::{PaymentCommand, PaymentReceipt, PaymentStatus, ProviderOutcome};
 pub use rejection::Rejection;
 pub use state::{
     fingerprint, Grant, GrantStatus, Hold, IdempotencyRecord, Organization, Portion, Reservation, Settings, State,

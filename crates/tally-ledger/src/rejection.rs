@@ -100,6 +100,40 @@ pub enum Rejection {
     EventInFuture,
     #[error("the reservation belongs to another consumer or merchant")]
     ReservationMismatch,
+    #[error("a payment method needs a token, a brand, four last digits and a valid expiry")]
+    InvalidPaymentMethod,
+    #[error("the platform does not allow this organization this type of payment method")]
+    PaymentMethodTypeNotAllowed,
+    #[error("the payment method is used by an auto top-up rule; change the rule first")]
+    PaymentMethodInUse,
+    #[error("no such payment method")]
+    PaymentMethodNotFound,
+    #[error("the wallet does not cover the amount: a payment method is needed for the rest")]
+    PaymentMethodRequired,
+    #[error("money paid through a provider must be a whole number of the currency's minor units")]
+    AmountNotInMinorUnits,
+    #[error("the amount is below the wallet's minimum top-up")]
+    AmountBelowMinimum,
+    #[error("the amount is above the wallet's maximum top-up")]
+    AmountAboveMaximum,
+    #[error("the organization needs billing details before paying in")]
+    BillingDetailsRequired,
+    #[error("no such top-up")]
+    TopUpNotFound,
+    #[error("no such checkout")]
+    CheckoutNotFound,
+    #[error("a tax profile needs a two-letter country, at most 8 taxes, each named with a rate of at most 100% and/or a positive fixed amount in whole minor units")]
+    InvalidTaxProfile,
+    #[error("the wallet has no enabled auto top-up rule")]
+    AutoTopUpNotActive,
+    #[error("an auto top-up of this wallet is already waiting for the provider")]
+    AutoTopUpInFlight,
+    #[error("the last auto top-up failed; the next is not due yet")]
+    AutoTopUpBackingOff,
+    #[error("available is not below the threshold")]
+    AutoTopUpNotNeeded,
+    #[error("the rule's daily limit on count or amount is reached")]
+    AutoTopUpLimitReached,
 }
 
 impl Rejection {
@@ -154,6 +188,23 @@ impl Rejection {
             EventTooOld => "event_too_old",
             EventInFuture => "event_in_future",
             ReservationMismatch => "reservation_mismatch",
+            InvalidPaymentMethod => "invalid_payment_method",
+            PaymentMethodTypeNotAllowed => "payment_method_type_not_allowed",
+            PaymentMethodInUse => "payment_method_in_use",
+            PaymentMethodNotFound => "payment_method_not_found",
+            PaymentMethodRequired => "payment_method_required",
+            AmountNotInMinorUnits => "amount_not_in_minor_units",
+            AmountBelowMinimum => "amount_below_minimum",
+            AmountAboveMaximum => "amount_above_maximum",
+            BillingDetailsRequired => "billing_details_required",
+            TopUpNotFound => "top_up_not_found",
+            CheckoutNotFound => "checkout_not_found",
+            InvalidTaxProfile => "invalid_tax_profile",
+            AutoTopUpNotActive => "auto_top_up_not_active",
+            AutoTopUpInFlight => "auto_top_up_in_flight",
+            AutoTopUpBackingOff => "auto_top_up_backing_off",
+            AutoTopUpNotNeeded => "auto_top_up_not_needed",
+            AutoTopUpLimitReached => "auto_top_up_limit_reached",
         }
     }
 
@@ -211,6 +262,23 @@ impl Rejection {
         Rejection::EventTooOld,
         Rejection::EventInFuture,
         Rejection::ReservationMismatch,
+        Rejection::InvalidPaymentMethod,
+        Rejection::PaymentMethodTypeNotAllowed,
+        Rejection::PaymentMethodInUse,
+        Rejection::PaymentMethodNotFound,
+        Rejection::PaymentMethodRequired,
+        Rejection::AmountNotInMinorUnits,
+        Rejection::AmountBelowMinimum,
+        Rejection::AmountAboveMaximum,
+        Rejection::BillingDetailsRequired,
+        Rejection::TopUpNotFound,
+        Rejection::CheckoutNotFound,
+        Rejection::InvalidTaxProfile,
+        Rejection::AutoTopUpNotActive,
+        Rejection::AutoTopUpInFlight,
+        Rejection::AutoTopUpBackingOff,
+        Rejection::AutoTopUpNotNeeded,
+        Rejection::AutoTopUpLimitReached,
     ];
 }
 

@@ -135,7 +135,7 @@ impl Grant {
         (self.priority, self.expires_at.unwrap_or(Timestamp::MAX), self.id)
     }
 
-    fn usable(&self, now: Timestamp) -> bool {
+    pub(crate) fn usable(&self, now: Timestamp) -> bool {
         self.status == GrantStatus::Active && self.expires_at.is_none_or(|at| at > now)
     }
 }
@@ -243,6 +243,11 @@ pub struct State {
     pub usage_keys: KeyTable,
     pub usage_keys_previous: KeyTable,
     pub usage_generation_started_at: Timestamp,
+    pub payments: crate::payments::Payments,
+    /// Wallets debited by the command being applied, for auto top-up (empty between
+    /// commands; filled only while some wallet has payment settings).
+    #[serde(skip)]
+    pub(crate) debited: Vec<WalletId>,
 }
 
 /// A cache hint: start loading `value`'s memory now. A no-op where unsupported.
@@ -444,6 +449,16 @@ impl State {
 
     /// Applies one command at time `now`. On rejection nothing has changed.
     pub fn apply(&mut self, command: &Command, now: Timestamp) -> Result<Receipt, Rejection> {
+        let result = self.apply_command(command, now);
+        if !self.debited.is_empty() {
+            for wallet in std::mem::take(&mut self.debited) {
+                self.note_auto_top_up(wallet, now);
+            }
+        }
+        result
+    }
+
+    fn apply_command(&mut self, command: &Command, now: Timestamp) -> Result<Receipt, Rejection> {
         match command {
             Command::CreateOrganization { name, roles } => {
                 text_ok(name, false)?;
@@ -549,6 +564,7 @@ impl State {
             | Command::Subscribe { .. }
             | Command::CancelSubscription { .. }
             | Command::Usage { .. } => self.apply_billing(command, now),
+            Command::Payment(payment) => self.apply_payment(payment, now),
         }
     }
 
@@ -727,6 +743,9 @@ impl State {
     /// grant portions for the leg.
     pub(crate) fn spend(&mut self, wallet: WalletId, plan: &[Reservation], from_reserved: bool) -> Vec<GrantPortion> {
         let mut portions = Vec::new();
+        if !self.payments.wallets.is_empty() {
+            self.debited.push(wallet);
+        }
         for reservation in plan {
             match reservation.portion {
                 Portion::Main => {
@@ -856,6 +875,9 @@ impl State {
                         Portion::Main => self.wallet_mut(*wallet).main_held += reservation.amount,
                         Portion::Grant(grant) => self.grant_mut(grant).reserved += reservation.amount,
                     }
+                }
+                if !self.payments.wallets.is_empty() {
+                    self.debited.push(*wallet);
                 }
                 let w = self.wallet_mut(*wallet);
                 w.held += units;

@@ -55,7 +55,7 @@ fn merchant_of(caller: &Caller, named: Option<&str>) -> Result<OrganizationId, A
     }
 }
 
-fn fee_rate(field: &str, text: &str) -> Result<PartsPerMillion, ApiError> {
+pub(crate) fn fee_rate(field: &str, text: &str) -> Result<PartsPerMillion, ApiError> {
     let value = Amount::parse(text).map_err(|e| ApiError::field("invalid_amount", field, e.to_string()))?;
     let units = value.units();
     // A rate of 1 is 10^12 ledger units and 10^6 parts per million.

@@ -69,7 +69,14 @@ pub fn status_of(code: &str) -> StatusCode {
         | "invalid_price"
         | "invalid_code"
         | "event_too_old"
-        | "event_in_future" => StatusCode::BAD_REQUEST,
+        | "event_in_future"
+        | "invalid_payment_method"
+        | "invalid_tax_profile"
+        | "card_number_not_accepted"
+        | "amount_not_in_minor_units"
+        | "amount_below_minimum"
+        | "amount_above_maximum"
+        | "payment_method_required" => StatusCode::BAD_REQUEST,
         "unauthorized" => StatusCode::UNAUTHORIZED,
         "forbidden" => StatusCode::FORBIDDEN,
         "not_found"
@@ -80,7 +87,10 @@ pub fn status_of(code: &str) -> StatusCode {
         | "meter_not_found"
         | "product_not_found"
         | "plan_not_found"
-        | "subscription_not_found" => StatusCode::NOT_FOUND,
+        | "subscription_not_found"
+        | "payment_method_not_found"
+        | "top_up_not_found"
+        | "checkout_not_found" => StatusCode::NOT_FOUND,
         "idempotency_key_in_use"
         | "wallet_already_exists"
         | "meter_code_taken"
@@ -107,7 +117,17 @@ pub fn status_of(code: &str) -> StatusCode {
         | "no_active_subscription"
         | "not_a_merchant"
         | "not_a_consumer"
-        | "reservation_mismatch" => StatusCode::UNPROCESSABLE_ENTITY,
+        | "reservation_mismatch"
+        | "billing_details_required"
+        | "payment_method_type_not_allowed"
+        | "payment_method_in_use"
+        | "payment_declined"
+        | "auto_top_up_not_active"
+        | "auto_top_up_in_flight"
+        | "auto_top_up_backing_off"
+        | "auto_top_up_not_needed"
+        | "auto_top_up_limit_reached" => StatusCode::UNPROCESSABLE_ENTITY,
+        "provider_unavailable" => StatusCode::BAD_GATEWAY,
         "rate_limited" => StatusCode::TOO_MANY_REQUESTS,
         "busy" | "not_ready" | "shutting_down" => StatusCode::SERVICE_UNAVAILABLE,
         _ => StatusCode::INTERNAL_SERVER_ERROR,

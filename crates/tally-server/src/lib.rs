@@ -7,6 +7,7 @@ mod billing;
 mod error;
 pub mod metrics;
 pub mod nats;
+pub mod payments;
 pub mod time;
 mod views;
 pub mod webhooks;
@@ -53,6 +54,8 @@ pub struct AppState {
     pub metrics: metrics::Metrics,
     /// The NATS event stream, when configured (needs webhooks: it shares their file).
     pub nats: Option<nats::NatsConfig>,
+    /// The payment provider and its driver, when enabled.
+    pub payments: Option<Arc<payments::Payments>>,
 }
 
 impl AppState {
@@ -74,12 +77,23 @@ impl AppState {
             in_flight: Mutex::new(HashSet::new()),
             webhooks: None,
             nats: None,
+            payments: None,
         }
     }
 
     /// Publishes every event to NATS JetStream (`serve` starts the sink).
     pub fn with_nats(mut self, config: nats::NatsConfig) -> AppState {
         self.nats = Some(config);
+        self
+    }
+
+    /// Enables payments through `provider` (`serve` starts the payment worker).
+    pub fn with_payments(
+        mut self,
+        provider: Arc<dyn payments::provider::PaymentProvider>,
+        config: payments::PaymentsConfig,
+    ) -> AppState {
+        self.payments = Some(Arc::new(payments::Payments::new(provider, config)));
         self
     }
 
@@ -213,6 +227,7 @@ fn api_router() -> utoipa_axum::router::OpenApiRouter<Arc<AppState>> {
         .routes(routes!(revoke_api_key))
         .merge(billing::routes())
         .merge(webhooks::routes())
+        .merge(payments::routes())
 }
 
 /// Serves until `shutdown` resolves, then stops taking connections and finishes the
@@ -226,6 +241,7 @@ pub async fn serve(
     if let (Some(config), Some(webhooks)) = (state.nats.clone(), state.webhooks.clone()) {
         tasks.push(nats::spawn(webhooks, config));
     }
+    tasks.extend(payments::spawn_worker(state.clone()));
     let served = axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await;
     for task in tasks {
         task.abort();

@@ -6,6 +6,7 @@
 
 use serde_json::{json, Value};
 use tally_ledger::billing::SubscriptionStatus;
+use tally_ledger::payments::{Checkout, TopUp};
 use tally_ledger::*;
 
 /// Every event type, for documentation and for endpoint subscriptions.
@@ -33,6 +34,18 @@ pub const EVENT_TYPES: &[&str] = &[
     "subscription.past_due",
     "subscription.canceled",
     "webhook_endpoint.disabled",
+    "payment_method.created",
+    "payment_method.removed",
+    "top_up.created",
+    "top_up.succeeded",
+    "top_up.failed",
+    "auto_top_up.started",
+    "auto_top_up.succeeded",
+    "auto_top_up.failed",
+    "auto_top_up.disabled",
+    "checkout.created",
+    "checkout.succeeded",
+    "checkout.failed",
 ];
 
 /// An event before it is numbered: its type, the organization it belongs to (None:
@@ -334,9 +347,141 @@ pub fn derive(command: &Command, receipt: &Receipt, directory: &mut dyn Director
                 }
             }
         }
+        (Command::Payment(command), Receipt::Payment(receipt)) => payment_events(command, receipt, &mut out),
         _ => {}
     }
     out
+}
+
+fn status_text<T: serde::Serialize>(value: &T) -> Value {
+    serde_json::to_value(value).unwrap_or(Value::Null)
+}
+
+/// The JSON of a top-up, as events carry it.
+pub fn top_up_json(top_up: &TopUp) -> Value {
+    let currency = top_up.currency;
+    json!({
+        "id": top_up.id.to_string(),
+        "object": "top_up",
+        "wallet": top_up.wallet.to_string(),
+        "organization": top_up.organization.to_string(),
+        "currency": currency.code(),
+        "amount": money(Amount::from_units(top_up.amount), currency),
+        "taxes": top_up.taxes.iter().map(|t| json!({"name": t.name.as_ref(), "amount": money(Amount::from_units(t.amount), currency)})).collect::<Vec<_>>(),
+        "total": money(Amount::from_units(top_up.total), currency),
+        "payment_method": top_up.method.to_string(),
+        "status": status_text(&top_up.status),
+        "automatic": top_up.auto,
+        "created_at_ms": top_up.created_at,
+        "settled_at_ms": top_up.settled_at,
+        "failure_code": top_up.failure_code.as_deref(),
+        "failure_message": top_up.failure_message.as_deref(),
+        "operation": top_up.operation.map(|o| o.to_string()),
+    })
+}
+
+/// The JSON of a checkout, as events carry it.
+pub fn checkout_json(checkout: &Checkout) -> Value {
+    let currency = checkout.currency;
+    let units = |u: i128| money(Amount::from_units(u), currency);
+    json!({
+        "id": checkout.id.to_string(),
+        "object": "checkout",
+        "consumer": checkout.consumer.to_string(),
+        "merchant": checkout.merchant.to_string(),
+        "currency": currency.code(),
+        "amount": units(checkout.amount),
+        "wallet_part": units(checkout.wallet_part),
+        "card_part": units(checkout.card_part),
+        "platform_fee": units(checkout.fee),
+        "status": status_text(&checkout.status),
+        "created_at_ms": checkout.created_at,
+        "settled_at_ms": checkout.settled_at,
+        "failure_code": checkout.failure_code.as_deref(),
+        "operation": checkout.operation.map(|o| o.to_string()),
+    })
+}
+
+fn payment_events(command: &PaymentCommand, receipt: &PaymentReceipt, out: &mut Vec<NewEvent>) {
+    match (command, receipt) {
+        (PaymentCommand::AddMethod { .. } | PaymentCommand::RemoveMethod { .. }, PaymentReceipt::Method(method)) => {
+            let kind = if method.removed { "payment_method.removed" } else { "payment_method.created" };
+            out.push(NewEvent {
+                kind,
+                organization: Some(method.organization),
+                object: method.id.to_string(),
+                data: json!({"id": method.id.to_string(), "object": "payment_method", "type": status_text(&method.kind),
+                             "brand": method.brand.as_ref(), "last4": method.last4.as_ref()}),
+            });
+        }
+        (_, PaymentReceipt::TopUp { top_up, created, settled, operation, rule_disabled }) => {
+            let data = top_up_json(top_up);
+            let event = |kind| NewEvent {
+                kind,
+                organization: Some(top_up.organization),
+                object: top_up.id.to_string(),
+                data: data.clone(),
+            };
+            if *created {
+                out.push(event("top_up.created"));
+                if top_up.auto {
+                    out.push(event("auto_top_up.started"));
+                }
+            }
+            if *settled {
+                let succeeded = top_up.status == PaymentStatus::Succeeded;
+                out.push(event(if succeeded { "top_up.succeeded" } else { "top_up.failed" }));
+                if top_up.auto {
+                    out.push(event(if succeeded { "auto_top_up.succeeded" } else { "auto_top_up.failed" }));
+                }
+                if *rule_disabled {
+                    out.push(event("auto_top_up.disabled"));
+                }
+            }
+            if let Some(operation) = operation {
+                out.push(NewEvent {
+                    kind: "operation.created",
+                    organization: Some(top_up.organization),
+                    object: operation.id.to_string(),
+                    data: operation_json(operation),
+                });
+            }
+        }
+        (_, PaymentReceipt::Checkout { checkout, created, settled, operation }) => {
+            let data = checkout_json(checkout);
+            let mut both = |kind: &'static str| {
+                for organization in [checkout.consumer, checkout.merchant] {
+                    out.push(NewEvent {
+                        kind,
+                        organization: Some(organization),
+                        object: checkout.id.to_string(),
+                        data: data.clone(),
+                    });
+                }
+            };
+            if *created {
+                both("checkout.created");
+            }
+            if *settled {
+                both(if checkout.status == PaymentStatus::Succeeded {
+                    "checkout.succeeded"
+                } else {
+                    "checkout.failed"
+                });
+            }
+            if let Some(operation) = operation {
+                for organization in [checkout.consumer, checkout.merchant] {
+                    out.push(NewEvent {
+                        kind: "operation.created",
+                        organization: Some(organization),
+                        object: operation.id.to_string(),
+                        data: operation_json(operation),
+                    });
+                }
+            }
+        }
+        _ => {}
+    }
 }
 
 fn wallet_created_event(wallet: WalletId, organization: OrganizationId, currency: Currency) -> NewEvent {

@@ -162,6 +162,14 @@ struct ServeArgs {
     /// Time limit of one webhook delivery attempt, in seconds.
     #[arg(long, env = "TALLY_WEBHOOKS_TIMEOUT_SECONDS", default_value_t = 10)]
     webhooks_timeout_seconds: u64,
+    /// How long the sandbox payment provider keeps a `pm_card_slow` payment pending, in
+    /// milliseconds.
+    #[arg(long, env = "TALLY_SANDBOX_SLOW_MS", default_value_t = 3_000)]
+    sandbox_slow_ms: u64,
+    /// Fault injection for crash tests: `abort_after_capture` kills the process right
+    /// after the provider captured a payment, before the ledger credits it.
+    #[arg(long, env = "TALLY_FAULT", hide = true)]
+    fault: Option<String>,
     /// Publish every event to this NATS server's JetStream (nats://host:port); off when unset.
     #[arg(long, env = "TALLY_NATS_URL")]
     nats_url: Option<String>,
@@ -245,7 +253,20 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     );
     let state = Arc::new(
         tally_server::AppState::new(engine.handle(), projector, HistoryReader::open(&path)?, keys, clock)
-            .with_webhooks(webhooks),
+            .with_webhooks(webhooks)
+            .with_payments(
+                Arc::new(
+                    tally_server::payments::sandbox::Sandbox::open(
+                        &path.with_file_name("tally.sandbox.db"),
+                        std::time::Duration::from_millis(args.sandbox_slow_ms),
+                    )
+                    .context("opening the sandbox payment provider's records")?,
+                ),
+                tally_server::payments::PaymentsConfig {
+                    abort_after_capture: args.fault.as_deref() == Some("abort_after_capture"),
+                    ..tally_server::payments::PaymentsConfig::default()
+                },
+            ),
     );
     let state = match args.nats_url {
         Some(url) => {

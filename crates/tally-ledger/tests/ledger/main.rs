@@ -2,6 +2,7 @@
 //! and a property test against a separately written reference model.
 
 mod model;
+mod payments;
 mod rules;
 mod usage;
 

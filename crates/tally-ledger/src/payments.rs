@@ -1,0 +1,1087 @@
+//! Payments in the state machine: saved payment methods, tax profiles, top-ups,
+//! auto top-up rules and wallet-first checkouts.
+//!
+//! The ledger never talks to a payment provider. It records the intent (a pending
+//! top-up or checkout, journaled before the provider is asked) and, later, the
+//! provider's answer (`Settle*`), which moves the money exactly once: a settled record
+//! ignores every later answer. The server does the asking, and after a crash finds the
+//! pending records here and asks the provider what became of them.
+
+use crate::command::*;
+use crate::ids::*;
+use crate::money::{Amount, Currency, Money, PartsPerMillion};
+use crate::rejection::Rejection;
+use crate::state::*;
+use rustc_hash::FxHashMap;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeSet;
+
+/// Most taxes in one tax profile.
+pub const TAXES_PER_PROFILE_MAX: usize = 8;
+/// Most tax profiles.
+pub const TAX_PROFILES_MAX: usize = 10_000;
+/// Most preset top-up amounts on a wallet.
+pub const PRESETS_MAX: usize = 8;
+/// Most saved payment methods per organization.
+pub const METHODS_PER_ORGANIZATION_MAX: usize = 32;
+/// Most auto top-ups a rule may start per day, whatever it asks.
+pub const AUTO_TOP_UPS_PER_DAY_MAX: u32 = 100;
+/// Failures in a row after which an auto top-up rule disables itself.
+pub const AUTO_TOP_UP_FAILURES_MAX: u32 = 3;
+/// The first back-off after a failed auto top-up; it doubles with each failure in a row.
+pub const AUTO_TOP_UP_BACKOFF_FIRST_MS: i64 = 60 * 1000;
+/// How long the wallet part of a checkout stays held while the card is asked.
+pub const CHECKOUT_HOLD_TTL_MS: i64 = 3600 * 1000;
+const DAY_MS: i64 = 24 * 3600 * 1000;
+
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MethodType {
+    Card,
+    BankAccount,
+}
+
+impl MethodType {
+    pub const ALL: [MethodType; 2] = [MethodType::Card, MethodType::BankAccount];
+
+    fn bit(self) -> u8 {
+        1 << (self as u8)
+    }
+}
+
+/// A saved, tokenized means of payment: the provider's token and what may be shown.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PaymentMethod {
+    pub id: PaymentMethodId,
+    pub organization: OrganizationId,
+    pub kind: MethodType,
+    pub token: Box<str>,
+    pub brand: Box<str>,
+    pub last4: Box<str>,
+    pub exp_month: u8,
+    pub exp_year: u16,
+    pub removed: bool,
+}
+
+/// What a provider says about a payment method token.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MethodDetails {
+    pub kind: MethodType,
+    pub brand: String,
+    pub last4: String,
+    pub exp_month: u8,
+    pub exp_year: u16,
+}
+
+/// One tax: a percentage of the amount, a fixed amount, or both. A fixed amount
+/// applies only to top-ups in its currency.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tax {
+    pub name: String,
+    pub rate: PartsPerMillion,
+    pub fixed: Option<Money>,
+}
+
+/// The taxes of a region: a country (ISO 3166-1 alpha-2) and optionally a subdivision.
+/// When several profiles match, the most specific applies: country and subdivision
+/// before country alone; only one profile ever applies.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaxProfile {
+    pub country: String,
+    pub subdivision: Option<String>,
+    pub taxes: Vec<Tax>,
+}
+
+/// One computed tax on a top-up, in ledger units (whole minor units).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaxLine {
+    pub name: Box<str>,
+    pub amount: i128,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AutoAmount {
+    /// Top up by this amount.
+    Fixed(Amount),
+    /// Top up by what brings available to this target, in one charge.
+    UpTo(Amount),
+}
+
+/// A wallet's auto top-up rule as the user sets it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AutoTopUpSpec {
+    pub threshold: Amount,
+    pub amount: AutoAmount,
+    pub method: PaymentMethodId,
+    pub max_per_day: u32,
+    pub max_amount_per_day: Amount,
+}
+
+/// An auto top-up rule and its running state.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AutoTopUp {
+    pub spec: AutoTopUpSpec,
+    pub enabled: bool,
+    /// Failures in a row; the rule disables itself at `AUTO_TOP_UP_FAILURES_MAX`.
+    pub failures: u32,
+    /// No auto top-up starts before this time (back-off after a failure).
+    pub retry_at: Timestamp,
+    pub in_flight: Option<TopUpId>,
+    /// The UTC day (days since the epoch) the counters below are for.
+    pub day: i64,
+    pub day_count: u32,
+    pub day_amount: i128,
+}
+
+/// What a wallet's owner and the platform have set for paying into it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WalletPayments {
+    pub min_top_up: Option<Amount>,
+    pub max_top_up: Option<Amount>,
+    /// Amounts clients offer as buttons; any amount within the limits is accepted.
+    pub presets: Vec<Amount>,
+    pub auto: Option<AutoTopUp>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PaymentStatus {
+    Pending,
+    Succeeded,
+    Failed,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TopUp {
+    pub id: TopUpId,
+    pub wallet: WalletId,
+    pub organization: OrganizationId,
+    pub currency: Currency,
+    /// What the wallet gets.
+    pub amount: i128,
+    pub taxes: Vec<TaxLine>,
+    /// What the payer is charged: amount plus taxes.
+    pub total: i128,
+    pub method: PaymentMethodId,
+    pub status: PaymentStatus,
+    /// Started by the wallet's auto top-up rule.
+    pub auto: bool,
+    pub created_at: Timestamp,
+    pub settled_at: Option<Timestamp>,
+    pub provider_reference: Option<Box<str>>,
+    pub failure_code: Option<Box<str>>,
+    pub failure_message: Option<Box<str>>,
+    /// The receipt number of a succeeded top-up (1, 2, ... across the platform).
+    pub receipt_number: Option<u64>,
+    pub operation: Option<OperationId>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Checkout {
+    pub id: CheckoutId,
+    pub consumer: OrganizationId,
+    pub merchant: OrganizationId,
+    pub consumer_wallet: WalletId,
+    pub merchant_wallet: WalletId,
+    pub currency: Currency,
+    pub amount: i128,
+    /// Paid from the wallet (held until the card part is settled).
+    pub wallet_part: i128,
+    /// Paid by the payment method.
+    pub card_part: i128,
+    pub fee: i128,
+    pub hold: Option<HoldId>,
+    pub method: Option<PaymentMethodId>,
+    pub description: Box<str>,
+    pub status: PaymentStatus,
+    pub created_at: Timestamp,
+    pub settled_at: Option<Timestamp>,
+    pub provider_reference: Option<Box<str>>,
+    pub failure_code: Option<Box<str>>,
+    pub failure_message: Option<Box<str>>,
+    pub operation: Option<OperationId>,
+}
+
+/// A payment provider's final answer about a payment.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum ProviderOutcome {
+    Succeeded { reference: String },
+    Failed { code: String, message: String },
+}
+
+/// Everything payments keeps in the state.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Payments {
+    pub methods: Vec<PaymentMethod>,
+    pub default_method: FxHashMap<OrganizationId, PaymentMethodId>,
+    /// Method types an organization may use, as bits of `MethodType`; absent: all.
+    pub method_types: FxHashMap<OrganizationId, u8>,
+    pub tax_profiles: Vec<TaxProfile>,
+    pub wallets: FxHashMap<WalletId, WalletPayments>,
+    pub top_ups: Vec<TopUp>,
+    pub top_up_keys: FxHashMap<u128, TopUpId>,
+    pub checkouts: Vec<Checkout>,
+    pub checkout_keys: FxHashMap<u128, CheckoutId>,
+    /// Top-ups and checkouts waiting for the provider's answer.
+    pub pending_top_ups: BTreeSet<TopUpId>,
+    pub pending_checkouts: BTreeSet<CheckoutId>,
+    /// Wallets whose auto top-up is due, from when.
+    pub auto_due: BTreeSet<(Timestamp, WalletId)>,
+    pub receipts_issued: u64,
+}
+
+/// Commands of payments.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PaymentCommand {
+    AddMethod {
+        organization: OrganizationId,
+        token: String,
+        details: MethodDetails,
+        make_default: bool,
+    },
+    RemoveMethod {
+        method: PaymentMethodId,
+    },
+    SetDefaultMethod {
+        method: PaymentMethodId,
+    },
+    /// The platform's choice of method types an organization may use (empty: none).
+    SetMethodTypes {
+        organization: OrganizationId,
+        types: Vec<MethodType>,
+    },
+    /// Sets a region's taxes; an empty list removes the profile.
+    SetTaxProfile {
+        profile: TaxProfile,
+    },
+    SetWalletLimits {
+        wallet: WalletId,
+        min_top_up: Option<Amount>,
+        max_top_up: Option<Amount>,
+        presets: Vec<Amount>,
+    },
+    SetAutoTopUp {
+        wallet: WalletId,
+        rule: Option<AutoTopUpSpec>,
+    },
+    /// Records a top-up to send to the provider. `actor`: the organization asking for
+    /// itself (None: the platform).
+    CreateTopUp {
+        key: IdempotencyKey,
+        actor: Option<OrganizationId>,
+        wallet: WalletId,
+        amount: Money,
+        method: PaymentMethodId,
+    },
+    /// Starts the auto top-up of a wallet whose rule is due, if it still applies.
+    StartAutoTopUp {
+        wallet: WalletId,
+    },
+    SettleTopUp {
+        top_up: TopUpId,
+        outcome: ProviderOutcome,
+    },
+    StartCheckout {
+        key: IdempotencyKey,
+        actor: Option<OrganizationId>,
+        consumer: OrganizationId,
+        merchant: OrganizationId,
+        amount: Money,
+        use_wallet: bool,
+        method: Option<PaymentMethodId>,
+        description: String,
+    },
+    SettleCheckout {
+        checkout: CheckoutId,
+        outcome: ProviderOutcome,
+    },
+}
+
+/// What a payments command did.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PaymentReceipt {
+    Method(Box<PaymentMethod>),
+    MethodTypesSet,
+    TaxProfileSet,
+    WalletSettingsSet(WalletId),
+    /// A top-up as it is now. `created`: this command created it (not a replay);
+    /// `settled`: this command recorded the provider's final answer;
+    /// `operation`: the credit this command posted; `rule_disabled`: this failure
+    /// disabled the wallet's auto top-up rule.
+    TopUp {
+        top_up: Box<TopUp>,
+        created: bool,
+        settled: bool,
+        operation: Option<Operation>,
+        rule_disabled: bool,
+    },
+    /// The auto top-up was due but no longer applies (available is back above the
+    /// threshold, a daily limit is reached, or the rule was changed): nothing started.
+    AutoTopUpSkipped {
+        wallet: WalletId,
+        reason: Rejection,
+    },
+    Checkout {
+        checkout: Box<Checkout>,
+        created: bool,
+        settled: bool,
+        operation: Option<Operation>,
+    },
+}
+
+fn index(id: u64) -> usize {
+    (id as usize).wrapping_sub(1)
+}
+
+fn day_of(at: Timestamp) -> i64 {
+    at.div_euclid(DAY_MS)
+}
+
+impl Payments {
+    pub fn method(&self, id: PaymentMethodId) -> Option<&PaymentMethod> {
+        self.methods.get(index(id.0))
+    }
+
+    pub fn top_up(&self, id: TopUpId) -> Option<&TopUp> {
+        self.top_ups.get(index(id.0))
+    }
+
+    pub fn checkout(&self, id: CheckoutId) -> Option<&Checkout> {
+        self.checkouts.get(index(id.0))
+    }
+
+    pub fn allows(&self, organization: OrganizationId, kind: MethodType) -> bool {
+        self.method_types.get(&organization).is_none_or(|bits| bits & kind.bit() != 0)
+    }
+
+    /// The tax profile for a region: the one for its subdivision, else the country's.
+    pub fn tax_profile(&self, country: &str, subdivision: &str) -> Option<&TaxProfile> {
+        let of_country = |p: &&TaxProfile| p.country == country;
+        self.tax_profiles
+            .iter()
+            .filter(of_country)
+            .find(|p| p.subdivision.as_deref().is_some_and(|s| !s.is_empty() && s == subdivision))
+            .or_else(|| self.tax_profiles.iter().filter(of_country).find(|p| p.subdivision.is_none()))
+    }
+
+    /// The wallet's auto top-up rule, when one is set and enabled.
+    pub fn auto_rule(&self, wallet: WalletId) -> Option<&AutoTopUp> {
+        self.wallets.get(&wallet).and_then(|w| w.auto.as_ref()).filter(|rule| rule.enabled)
+    }
+}
+
+/// The taxes on `amount` under `profile`: each line's percentage rounded half to even
+/// to the currency's minor unit, plus its fixed amount when in the same currency.
+pub fn compute_taxes(
+    profile: Option<&TaxProfile>,
+    amount: Amount,
+    currency: Currency,
+) -> Result<Vec<TaxLine>, Rejection> {
+    let Some(profile) = profile else { return Ok(Vec::new()) };
+    let mut lines = Vec::with_capacity(profile.taxes.len());
+    for tax in &profile.taxes {
+        let mut units = 0i128;
+        if tax.rate.0 > 0 {
+            // Exact: amount × rate / 10⁶, then rounded once, half to even, to minor units.
+            let exact = amount.units().checked_mul(tax.rate.0 as i128).ok_or(Rejection::AmountOverflow)?;
+            let per_minor = currency.units_per_minor() * 1_000_000;
+            units = crate::money::divide_round_half_even(exact, per_minor) * currency.units_per_minor();
+        }
+        if let Some(fixed) = tax.fixed.filter(|f| f.currency == currency) {
+            units = add(units, fixed.amount.units())?;
+        }
+        if units > 0 {
+            lines.push(TaxLine { name: tax.name.as_str().into(), amount: units });
+        }
+    }
+    Ok(lines)
+}
+
+impl State {
+    pub(crate) fn apply_payment(&mut self, command: &PaymentCommand, now: Timestamp) -> Result<Receipt, Rejection> {
+        let receipt = match command {
+            PaymentCommand::AddMethod { organization, token, details, make_default } => {
+                self.organization(*organization).ok_or(Rejection::OrganizationNotFound)?;
+                text_ok(token, false)?;
+                text_ok(&details.brand, false)?;
+                if details.last4.len() != 4 || !details.last4.bytes().all(|b| b.is_ascii_digit()) {
+                    return Err(Rejection::InvalidPaymentMethod);
+                }
+                if !(1..=12).contains(&details.exp_month) || details.exp_year < 2000 {
+                    return Err(Rejection::InvalidPaymentMethod);
+                }
+                if !self.payments.allows(*organization, details.kind) {
+                    return Err(Rejection::PaymentMethodTypeNotAllowed);
+                }
+                let owned =
+                    self.payments.methods.iter().filter(|m| m.organization == *organization && !m.removed).count();
+                if owned >= METHODS_PER_ORGANIZATION_MAX {
+                    return Err(Rejection::TooManyItems);
+                }
+                let id = PaymentMethodId(self.payments.methods.len() as u64 + 1);
+                let method = PaymentMethod {
+                    id,
+                    organization: *organization,
+                    kind: details.kind,
+                    token: token.as_str().into(),
+                    brand: details.brand.as_str().into(),
+                    last4: details.last4.as_str().into(),
+                    exp_month: details.exp_month,
+                    exp_year: details.exp_year,
+                    removed: false,
+                };
+                self.payments.methods.push(method.clone());
+                if *make_default || !self.payments.default_method.contains_key(organization) {
+                    self.payments.default_method.insert(*organization, id);
+                }
+                PaymentReceipt::Method(Box::new(method))
+            }
+            PaymentCommand::RemoveMethod { method } => {
+                let m = self.live_method(*method)?;
+                let organization = m.organization;
+                let in_use = self
+                    .payments
+                    .wallets
+                    .values()
+                    .any(|w| w.auto.as_ref().is_some_and(|a| a.spec.method == *method && a.enabled));
+                if in_use {
+                    return Err(Rejection::PaymentMethodInUse);
+                }
+                self.payments.methods[index(method.0)].removed = true;
+                if self.payments.default_method.get(&organization) == Some(method) {
+                    self.payments.default_method.remove(&organization);
+                }
+                PaymentReceipt::Method(Box::new(self.payments.methods[index(method.0)].clone()))
+            }
+            PaymentCommand::SetDefaultMethod { method } => {
+                let m = self.live_method(*method)?;
+                let organization = m.organization;
+                self.payments.default_method.insert(organization, *method);
+                PaymentReceipt::Method(Box::new(self.payments.methods[index(method.0)].clone()))
+            }
+            PaymentCommand::SetMethodTypes { organization, types } => {
+                self.organization(*organization).ok_or(Rejection::OrganizationNotFound)?;
+                let bits = types.iter().fold(0u8, |bits, t| bits | t.bit());
+                self.payments.method_types.insert(*organization, bits);
+                PaymentReceipt::MethodTypesSet
+            }
+            PaymentCommand::SetTaxProfile { profile } => {
+                valid_profile(profile)?;
+                let position = self
+                    .payments
+                    .tax_profiles
+                    .iter()
+                    .position(|p| p.country == profile.country && p.subdivision == profile.subdivision);
+                match (position, profile.taxes.is_empty()) {
+                    (Some(at), true) => {
+                        self.payments.tax_profiles.remove(at);
+                    }
+                    (Some(at), false) => self.payments.tax_profiles[at] = profile.clone(),
+                    (None, true) => {}
+                    (None, false) => {
+                        if self.payments.tax_profiles.len() >= TAX_PROFILES_MAX {
+                            return Err(Rejection::TooManyItems);
+                        }
+                        self.payments.tax_profiles.push(profile.clone());
+                    }
+                }
+                PaymentReceipt::TaxProfileSet
+            }
+            PaymentCommand::SetWalletLimits { wallet, min_top_up, max_top_up, presets } => {
+                let w = self.wallet(*wallet).ok_or(Rejection::WalletNotFound)?;
+                let currency = w.currency;
+                let whole = |a: &Amount| a.units() > 0 && a.is_whole_minor_units(currency);
+                if min_top_up.iter().chain(max_top_up.iter()).chain(presets.iter()).any(|a| !whole(a)) {
+                    return Err(Rejection::InvalidSetting);
+                }
+                if let (Some(min), Some(max)) = (min_top_up, max_top_up) {
+                    if min > max {
+                        return Err(Rejection::InvalidSetting);
+                    }
+                }
+                if presets.len() > PRESETS_MAX {
+                    return Err(Rejection::TooManyItems);
+                }
+                let settings = self.payments.wallets.entry(*wallet).or_default();
+                settings.min_top_up = *min_top_up;
+                settings.max_top_up = *max_top_up;
+                settings.presets = presets.clone();
+                PaymentReceipt::WalletSettingsSet(*wallet)
+            }
+            PaymentCommand::SetAutoTopUp { wallet, rule } => {
+                let w = self.wallet(*wallet).ok_or(Rejection::WalletNotFound)?;
+                let (organization, currency) = (w.organization, w.currency);
+                if let Some(spec) = rule {
+                    let method = self.live_method(spec.method)?;
+                    if method.organization != organization {
+                        return Err(Rejection::PaymentMethodNotFound);
+                    }
+                    let target = match spec.amount {
+                        AutoAmount::Fixed(amount) => amount,
+                        AutoAmount::UpTo(target) => {
+                            if target <= spec.threshold {
+                                return Err(Rejection::InvalidSetting);
+                            }
+                            target
+                        }
+                    };
+                    let whole = |a: Amount| a.units() > 0 && a.is_whole_minor_units(currency);
+                    if spec.threshold.units() < 0
+                        || !whole(target)
+                        || !whole(spec.max_amount_per_day)
+                        || !(1..=AUTO_TOP_UPS_PER_DAY_MAX).contains(&spec.max_per_day)
+                    {
+                        return Err(Rejection::InvalidSetting);
+                    }
+                }
+                let settings = self.payments.wallets.entry(*wallet).or_default();
+                let in_flight = settings.auto.as_ref().and_then(|a| a.in_flight);
+                let (day, day_count, day_amount) =
+                    settings.auto.as_ref().map_or((day_of(now), 0, 0), |a| (a.day, a.day_count, a.day_amount));
+                settings.auto = rule.clone().map(|spec| AutoTopUp {
+                    spec,
+                    enabled: true,
+                    failures: 0,
+                    retry_at: 0,
+                    in_flight,
+                    day,
+                    day_count,
+                    day_amount,
+                });
+                self.payments.auto_due.retain(|(_, w)| w != wallet);
+                PaymentReceipt::WalletSettingsSet(*wallet)
+            }
+            PaymentCommand::CreateTopUp { key, actor, wallet, amount, method } => {
+                if let Some(existing) = self.payments.top_up_keys.get(&key.0) {
+                    let top_up = &self.payments.top_ups[index(existing.0)];
+                    if top_up.wallet != *wallet || top_up.amount != amount.amount.units() || top_up.method != *method {
+                        return Err(Rejection::IdempotencyKeyMismatch);
+                    }
+                    return Ok(Receipt::Payment(PaymentReceipt::TopUp {
+                        top_up: Box::new(top_up.clone()),
+                        created: false,
+                        settled: false,
+                        operation: None,
+                        rule_disabled: false,
+                    }));
+                }
+                let w = self.wallet(*wallet).ok_or(Rejection::WalletNotFound)?;
+                if actor.is_some_and(|a| a != w.organization) {
+                    return Err(Rejection::WalletNotFound);
+                }
+                let top_up = self.new_top_up(*wallet, *amount, *method, false, now)?;
+                self.payments.top_up_keys.insert(key.0, top_up.id);
+                PaymentReceipt::TopUp {
+                    top_up: Box::new(top_up),
+                    created: true,
+                    settled: false,
+                    operation: None,
+                    rule_disabled: false,
+                }
+            }
+            PaymentCommand::StartAutoTopUp { wallet } => self.start_auto_top_up(*wallet, now)?,
+            PaymentCommand::SettleTopUp { top_up, outcome } => self.settle_top_up(*top_up, outcome, now)?,
+            PaymentCommand::StartCheckout {
+                key,
+                actor,
+                consumer,
+                merchant,
+                amount,
+                use_wallet,
+                method,
+                description,
+            } => {
+                if let Some(existing) = self.payments.checkout_keys.get(&key.0) {
+                    let checkout = &self.payments.checkouts[index(existing.0)];
+                    if checkout.consumer != *consumer
+                        || checkout.merchant != *merchant
+                        || checkout.amount != amount.amount.units()
+                    {
+                        return Err(Rejection::IdempotencyKeyMismatch);
+                    }
+                    return Ok(Receipt::Payment(PaymentReceipt::Checkout {
+                        checkout: Box::new(checkout.clone()),
+                        created: false,
+                        settled: false,
+                        operation: None,
+                    }));
+                }
+                if actor.is_some_and(|a| a != *consumer) {
+                    return Err(Rejection::OrganizationNotFound);
+                }
+                let receipt =
+                    self.start_checkout(*consumer, *merchant, *amount, *use_wallet, *method, description, now)?;
+                if let PaymentReceipt::Checkout { checkout, .. } = &receipt {
+                    self.payments.checkout_keys.insert(key.0, checkout.id);
+                }
+                receipt
+            }
+            PaymentCommand::SettleCheckout { checkout, outcome } => self.settle_checkout(*checkout, outcome, now)?,
+        };
+        Ok(Receipt::Payment(receipt))
+    }
+
+    fn live_method(&self, id: PaymentMethodId) -> Result<&PaymentMethod, Rejection> {
+        self.payments.method(id).filter(|m| !m.removed).ok_or(Rejection::PaymentMethodNotFound)
+    }
+
+    /// A usable method of `organization`'s: saved, not removed, of an allowed type.
+    fn usable_method(&self, id: PaymentMethodId, organization: OrganizationId) -> Result<&PaymentMethod, Rejection> {
+        let method = self.live_method(id)?;
+        if method.organization != organization {
+            return Err(Rejection::PaymentMethodNotFound);
+        }
+        if !self.payments.allows(organization, method.kind) {
+            return Err(Rejection::PaymentMethodTypeNotAllowed);
+        }
+        Ok(method)
+    }
+
+    /// Checks and records a pending top-up (nothing moves until it is settled).
+    fn new_top_up(
+        &mut self,
+        wallet: WalletId,
+        amount: Money,
+        method: PaymentMethodId,
+        auto: bool,
+        now: Timestamp,
+    ) -> Result<TopUp, Rejection> {
+        let units = positive(amount.amount)?;
+        let w = self.open_wallet(wallet, amount.currency)?;
+        if w.status != WalletStatus::Active {
+            return Err(Rejection::WalletFrozen);
+        }
+        let organization = w.organization;
+        if !amount.amount.is_whole_minor_units(amount.currency) {
+            return Err(Rejection::AmountNotInMinorUnits);
+        }
+        let settings = self.payments.wallets.get(&wallet);
+        if settings.and_then(|s| s.min_top_up).is_some_and(|min| amount.amount < min) {
+            return Err(Rejection::AmountBelowMinimum);
+        }
+        if settings.and_then(|s| s.max_top_up).is_some_and(|max| amount.amount > max) {
+            return Err(Rejection::AmountAboveMaximum);
+        }
+        let billing = self.organization(organization).and_then(|o| o.billing.as_deref());
+        let billing = billing.ok_or(Rejection::BillingDetailsRequired)?;
+        self.usable_method(method, organization)?;
+        let taxes = compute_taxes(
+            self.payments.tax_profile(&billing.country, &billing.region),
+            amount.amount,
+            amount.currency,
+        )?;
+        let mut total = units;
+        for line in &taxes {
+            total = add(total, line.amount)?;
+        }
+        // The credit must fit later: the wallet, tax payable and funding stay in range.
+        add(add(w.main, w.granted)?, units)?;
+        self.system_fits(SystemAccount::ExternalFunding, amount.currency, -total)?;
+        let id = TopUpId(self.payments.top_ups.len() as u64 + 1);
+        let top_up = TopUp {
+            id,
+            wallet,
+            organization,
+            currency: amount.currency,
+            amount: units,
+            taxes,
+            total,
+            method,
+            status: PaymentStatus::Pending,
+            auto,
+            created_at: now,
+            settled_at: None,
+            provider_reference: None,
+            failure_code: None,
+            failure_message: None,
+            receipt_number: None,
+            operation: None,
+        };
+        self.payments.top_ups.push(top_up.clone());
+        self.payments.pending_top_ups.insert(id);
+        Ok(top_up)
+    }
+
+    fn start_auto_top_up(&mut self, wallet: WalletId, now: Timestamp) -> Result<PaymentReceipt, Rejection> {
+        self.payments.auto_due.retain(|(_, w)| *w != wallet);
+        let skipped = |reason| Ok(PaymentReceipt::AutoTopUpSkipped { wallet, reason });
+        let Some(rule) = self.payments.auto_rule(wallet).cloned() else {
+            return skipped(Rejection::AutoTopUpNotActive);
+        };
+        if rule.in_flight.is_some() {
+            return skipped(Rejection::AutoTopUpInFlight);
+        }
+        if now < rule.retry_at {
+            self.payments.auto_due.insert((rule.retry_at, wallet));
+            return skipped(Rejection::AutoTopUpBackingOff);
+        }
+        let w = self.wallet(wallet).ok_or(Rejection::WalletNotFound)?;
+        let available = w.main + w.granted - w.held;
+        if available >= rule.spec.threshold.units() {
+            return skipped(Rejection::AutoTopUpNotNeeded);
+        }
+        let currency = w.currency;
+        let amount = match rule.spec.amount {
+            AutoAmount::Fixed(amount) => amount,
+            AutoAmount::UpTo(target) => Amount::from_units(target.units() - available).round_to_minor_unit_up(currency),
+        };
+        let (day_count, day_amount) = if rule.day == day_of(now) { (rule.day_count, rule.day_amount) } else { (0, 0) };
+        if day_count >= rule.spec.max_per_day || day_amount + amount.units() > rule.spec.max_amount_per_day.units() {
+            return skipped(Rejection::AutoTopUpLimitReached);
+        }
+        let top_up = match self.new_top_up(wallet, Money::new(amount, currency), rule.spec.method, true, now) {
+            Ok(top_up) => top_up,
+            Err(reason) => return skipped(reason),
+        };
+        let state = self.payments.wallets.get_mut(&wallet).and_then(|w| w.auto.as_mut()).expect("rule checked above");
+        state.in_flight = Some(top_up.id);
+        state.day = day_of(now);
+        state.day_count = day_count + 1;
+        state.day_amount = day_amount + amount.units();
+        Ok(PaymentReceipt::TopUp {
+            top_up: Box::new(top_up),
+            created: true,
+            settled: false,
+            operation: None,
+            rule_disabled: false,
+        })
+    }
+
+    /// Notes, after a debit or hold on `wallet`, that its auto top-up is due.
+    #[inline]
+    pub(crate) fn note_auto_top_up(&mut self, wallet: WalletId, now: Timestamp) {
+        if self.payments.wallets.is_empty() {
+            return;
+        }
+        let Some(rule) = self.payments.auto_rule(wallet) else { return };
+        if rule.in_flight.is_some() {
+            return;
+        }
+        let w = &self.wallets[index(wallet.0)];
+        if w.main + w.granted - w.held < rule.spec.threshold.units() {
+            let at = rule.retry_at.max(now);
+            if !self.payments.auto_due.iter().any(|(_, due)| *due == wallet) {
+                self.payments.auto_due.insert((at, wallet));
+            }
+        }
+    }
+
+    fn settle_top_up(
+        &mut self,
+        id: TopUpId,
+        outcome: &ProviderOutcome,
+        now: Timestamp,
+    ) -> Result<PaymentReceipt, Rejection> {
+        let top_up = self.payments.top_up(id).ok_or(Rejection::TopUpNotFound)?;
+        if top_up.status != PaymentStatus::Pending {
+            // A late or repeated answer: the first one stands.
+            return Ok(PaymentReceipt::TopUp {
+                top_up: Box::new(top_up.clone()),
+                created: false,
+                settled: false,
+                operation: None,
+                rule_disabled: false,
+            });
+        }
+        let (wallet, currency, amount, total, auto) =
+            (top_up.wallet, top_up.currency, top_up.amount, top_up.total, top_up.auto);
+        let mut operation = None;
+        let mut rule_disabled = false;
+        match outcome {
+            ProviderOutcome::Succeeded { reference } => {
+                // The money is captured: it goes in whatever the wallet's status now.
+                let tax: i128 = top_up.taxes.iter().map(|t| t.amount).sum();
+                let mut legs = Legs::new();
+                legs.push(self.post_system(SystemAccount::ExternalFunding, currency, -total));
+                self.wallet_mut(wallet).main += amount;
+                legs.push(self.wallet_leg(wallet, amount, Vec::new()));
+                if tax > 0 {
+                    legs.push(self.post_system(SystemAccount::TaxPayable, currency, tax));
+                }
+                let posted = self.next_operation(OperationKind::TopUp, currency, now, legs);
+                self.payments.receipts_issued += 1;
+                let receipt_number = self.payments.receipts_issued;
+                let record = &mut self.payments.top_ups[index(id.0)];
+                record.status = PaymentStatus::Succeeded;
+                record.provider_reference = Some(reference.as_str().into());
+                record.receipt_number = Some(receipt_number);
+                record.operation = Some(posted.id);
+                operation = Some(posted);
+                if auto {
+                    if let Some(rule) = self.payments.wallets.get_mut(&wallet).and_then(|w| w.auto.as_mut()) {
+                        rule.failures = 0;
+                        rule.retry_at = 0;
+                    }
+                }
+                let w = self.wallet_mut(wallet);
+                let threshold = w.low_balance_threshold;
+                if threshold.is_none_or(|t| w.main + w.granted - w.held >= t.units()) {
+                    w.low_balance_notified = false;
+                }
+            }
+            ProviderOutcome::Failed { code, message } => {
+                let record = &mut self.payments.top_ups[index(id.0)];
+                record.status = PaymentStatus::Failed;
+                record.failure_code = Some(truncate(code).into());
+                record.failure_message = Some(truncate(message).into());
+                if auto {
+                    if let Some(rule) = self.payments.wallets.get_mut(&wallet).and_then(|w| w.auto.as_mut()) {
+                        rule.failures += 1;
+                        let doublings = (rule.failures - 1).min(20);
+                        rule.retry_at = now.saturating_add(AUTO_TOP_UP_BACKOFF_FIRST_MS << doublings);
+                        if rule.failures >= AUTO_TOP_UP_FAILURES_MAX {
+                            rule.enabled = false;
+                            rule_disabled = true;
+                        }
+                    }
+                }
+            }
+        }
+        let record = &mut self.payments.top_ups[index(id.0)];
+        record.settled_at = Some(now);
+        let snapshot = record.clone();
+        self.payments.pending_top_ups.remove(&id);
+        if auto {
+            if let Some(rule) = self.payments.wallets.get_mut(&wallet).and_then(|w| w.auto.as_mut()) {
+                if rule.in_flight == Some(id) {
+                    rule.in_flight = None;
+                }
+            }
+            // A failure leaves the wallet below its threshold: due again after the
+            // back-off while the rule is on. A success never starts another by itself
+            // (only a later debit does), so a rule cannot loop.
+            if snapshot.status == PaymentStatus::Failed {
+                self.note_auto_top_up(wallet, now);
+            }
+        }
+        Ok(PaymentReceipt::TopUp {
+            top_up: Box::new(snapshot),
+            created: false,
+            settled: true,
+            operation,
+            rule_disabled,
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn start_checkout(
+        &mut self,
+        consumer: OrganizationId,
+        merchant: OrganizationId,
+        amount: Money,
+        use_wallet: bool,
+        method: Option<PaymentMethodId>,
+        description: &str,
+        now: Timestamp,
+    ) -> Result<PaymentReceipt, Rejection> {
+        text_ok(description, true)?;
+        let units = positive(amount.amount)?;
+        let currency = amount.currency;
+        if !amount.amount.is_whole_minor_units(currency) {
+            return Err(Rejection::AmountNotInMinorUnits);
+        }
+        if consumer == merchant {
+            return Err(Rejection::SameWallet);
+        }
+        self.organization(consumer).ok_or(Rejection::OrganizationNotFound)?;
+        let m = self.organization(merchant).ok_or(Rejection::OrganizationNotFound)?;
+        if !m.roles.merchant {
+            return Err(Rejection::NotAMerchant);
+        }
+        let consumer_wallet = self.wallet_for(consumer, currency).ok_or(Rejection::WalletNotFound)?;
+        let merchant_wallet = self.wallet_for(merchant, currency).ok_or(Rejection::WalletNotFound)?;
+        let payee = self.open_wallet(merchant_wallet, currency)?;
+        add(add(payee.main, payee.granted)?, units)?;
+        let fee = Self::fee_of(amount.amount, Fee::Rate(self.settings.platform_fee))?;
+        let wallet_part = if use_wallet {
+            let w = self.debitable_wallet(consumer_wallet, currency)?;
+            if w.exclusive_hold != 0 {
+                return Err(Rejection::WalletOnHold);
+            }
+            let spendable = self.spendable_for(w, merchant, now);
+            // The card is charged in whole minor units, so the wallet pays whole ones too.
+            let whole = spendable.min(units) / currency.units_per_minor() * currency.units_per_minor();
+            whole.max(0)
+        } else {
+            0
+        };
+        let card_part = units - wallet_part;
+        if card_part > 0 {
+            let method = method.ok_or(Rejection::PaymentMethodRequired)?;
+            self.usable_method(method, consumer)?;
+            self.system_fits(SystemAccount::ExternalFunding, currency, -card_part)?;
+        }
+        let id = CheckoutId(self.payments.checkouts.len() as u64 + 1);
+        let mut checkout = Checkout {
+            id,
+            consumer,
+            merchant,
+            consumer_wallet,
+            merchant_wallet,
+            currency,
+            amount: units,
+            wallet_part,
+            card_part,
+            fee,
+            hold: None,
+            method: if card_part > 0 { method } else { None },
+            description: description.into(),
+            status: PaymentStatus::Pending,
+            created_at: now,
+            settled_at: None,
+            provider_reference: None,
+            failure_code: None,
+            failure_message: None,
+            operation: None,
+        };
+        let mut operation = None;
+        if card_part == 0 {
+            // The wallet pays it all: done now, in one operation.
+            let action = MoneyAction::Transfer {
+                from: consumer_wallet,
+                to: merchant_wallet,
+                amount: Money::new(Amount::from_units(units), currency),
+                fee: Fee::Fixed(Amount::from_units(fee)),
+                kind: TransferKind::Charge,
+                product: None,
+                description: description.to_string(),
+            };
+            let Receipt::Posted { operation: mut posted, .. } = self.apply_action(&action, now)? else {
+                unreachable!("a transfer posts an operation")
+            };
+            posted.kind = OperationKind::Checkout;
+            checkout.status = PaymentStatus::Succeeded;
+            checkout.settled_at = Some(now);
+            checkout.operation = Some(posted.id);
+            operation = Some(posted);
+            self.note_auto_top_up(consumer_wallet, now);
+        } else if wallet_part > 0 {
+            let action = MoneyAction::PlaceHold {
+                wallet: consumer_wallet,
+                amount: Money::new(Amount::from_units(wallet_part), currency),
+                ttl_ms: CHECKOUT_HOLD_TTL_MS,
+                exclusive: false,
+                payee: Some(merchant_wallet),
+                product: None,
+                description: format!("checkout {id}"),
+            };
+            let Receipt::HoldPlaced { hold, .. } = self.apply_action(&action, now)? else {
+                unreachable!("placing a hold answers with the hold")
+            };
+            checkout.hold = Some(hold);
+        }
+        if checkout.status == PaymentStatus::Pending {
+            self.payments.pending_checkouts.insert(id);
+        }
+        self.payments.checkouts.push(checkout.clone());
+        let settled = checkout.status != PaymentStatus::Pending;
+        Ok(PaymentReceipt::Checkout { checkout: Box::new(checkout), created: true, settled, operation })
+    }
+
+    /// What `wallet` can spend with `merchant` now: applicable grants and main balance,
+    /// less what holds reserve.
+    fn spendable_for(&self, wallet: &Wallet, merchant: OrganizationId, now: Timestamp) -> i128 {
+        let mut total = wallet.main - wallet.main_held;
+        for grant_id in &wallet.grants {
+            let grant = &self.grants[index(grant_id.0)];
+            if grant.usable(now) && grant.applicability.as_ref().is_none_or(|a| a.allows(Some(merchant), None)) {
+                total += grant.remaining - grant.reserved;
+            }
+        }
+        total.min(wallet.main + wallet.granted - wallet.held)
+    }
+
+    fn settle_checkout(
+        &mut self,
+        id: CheckoutId,
+        outcome: &ProviderOutcome,
+        now: Timestamp,
+    ) -> Result<PaymentReceipt, Rejection> {
+        let checkout = self.payments.checkout(id).ok_or(Rejection::CheckoutNotFound)?.clone();
+        if checkout.status != PaymentStatus::Pending {
+            return Ok(PaymentReceipt::Checkout {
+                checkout: Box::new(checkout),
+                created: false,
+                settled: false,
+                operation: None,
+            });
+        }
+        let mut operation = None;
+        let hold_active = checkout.hold.is_none_or(|h| self.holds.contains_key(&h));
+        let outcome = match outcome {
+            ProviderOutcome::Succeeded { .. } if !hold_active => &ProviderOutcome::Failed {
+                code: "hold_expired".into(),
+                message: "the wallet part's hold expired before the card was confirmed; the card must be refunded"
+                    .into(),
+            },
+            outcome => outcome,
+        };
+        match outcome {
+            ProviderOutcome::Succeeded { reference } => {
+                let currency = checkout.currency;
+                let mut legs = Legs::new();
+                if let Some(hold) = checkout.hold {
+                    let held = self.holds.remove(&hold).expect("hold checked above");
+                    let portions = self.spend(held.wallet, &held.reservations, true);
+                    self.close_hold(&held);
+                    legs.push(self.wallet_leg(held.wallet, -held.amount, portions));
+                }
+                legs.push(self.post_system(SystemAccount::ExternalFunding, currency, -checkout.card_part));
+                self.wallet_mut(checkout.merchant_wallet).main += checkout.amount - checkout.fee;
+                legs.push(self.wallet_leg(checkout.merchant_wallet, checkout.amount - checkout.fee, Vec::new()));
+                if checkout.fee > 0 {
+                    legs.push(self.post_system(SystemAccount::PlatformRevenue, currency, checkout.fee));
+                }
+                let posted = self.next_operation(OperationKind::Checkout, currency, now, legs);
+                let record = &mut self.payments.checkouts[index(id.0)];
+                record.status = PaymentStatus::Succeeded;
+                record.provider_reference = Some(reference.as_str().into());
+                record.operation = Some(posted.id);
+                operation = Some(posted);
+                self.note_auto_top_up(checkout.consumer_wallet, now);
+            }
+            ProviderOutcome::Failed { code, message } => {
+                if let Some(hold) = checkout.hold {
+                    if let Some(held) = self.holds.remove(&hold) {
+                        self.unreserve(&held, &held.reservations, now);
+                        self.close_hold(&held);
+                    }
+                }
+                let record = &mut self.payments.checkouts[index(id.0)];
+                record.status = PaymentStatus::Failed;
+                record.failure_code = Some(truncate(code).into());
+                record.failure_message = Some(truncate(message).into());
+            }
+        }
+        let record = &mut self.payments.checkouts[index(id.0)];
+        record.settled_at = Some(now);
+        let snapshot = record.clone();
+        self.payments.pending_checkouts.remove(&id);
+        Ok(PaymentReceipt::Checkout { checkout: Box::new(snapshot), created: false, settled: true, operation })
+    }
+}
+
+fn truncate(text: &str) -> &str {
+    let mut end = text.len().min(TEXT_LENGTH_MAX);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
+fn valid_profile(profile: &TaxProfile) -> Result<(), Rejection> {
+    let country_ok = profile.country.len() == 2 && profile.country.bytes().all(|b| b.is_ascii_uppercase());
+    let subdivision_ok = profile.subdivision.as_deref().is_none_or(|s| !s.is_empty() && s.len() <= 16);
+    if !country_ok || !subdivision_ok || profile.taxes.len() > TAXES_PER_PROFILE_MAX {
+        return Err(Rejection::InvalidTaxProfile);
+    }
+    for tax in &profile.taxes {
+        text_ok(&tax.name, false)?;
+        let fixed_ok = tax.fixed.is_none_or(|f| f.amount.units() > 0 && f.amount.is_whole_minor_units(f.currency));
+        if tax.rate.0 > PartsPerMillion::MAX || !fixed_ok || (tax.rate.0 == 0 && tax.fixed.is_none()) {
+            return Err(Rejection::InvalidTaxProfile);
+        }
+    }
+    Ok(())
+}
