@@ -6,6 +6,8 @@ use reqwest::{Client, StatusCode};
 use serde_json::{json, Value};
 use std::sync::Arc;
 use tally_engine::{Clock, Engine, EngineConfig, SystemClock};
+use tally_server::payments::sandbox::Sandbox;
+use tally_server::payments::PaymentsConfig;
 pub use tally_server::webhooks::{WebhookConfig, Webhooks};
 use tally_server::{generate_key, AppState, KeyRing};
 use tally_store::webhooks::WebhookStore;
@@ -13,6 +15,8 @@ use tally_store::{ApiKeys, HistoryReader, Projector, SqliteStore};
 
 pub struct Server {
     pub base: String,
+    /// The sandbox payment provider, to compare its records with the ledger.
+    pub sandbox: Arc<Sandbox>,
     pub admin: String,
     pub client: Client,
     pub state: Arc<AppState>,
@@ -56,9 +60,19 @@ impl Server {
         let keys = KeyRing::new(ApiKeys::open(&path).unwrap()).unwrap();
         let admin = keys.insert(generate_key(None, true, "test", clock.now(), None)).unwrap().secret;
         let webhooks = Webhooks::new(WebhookStore::open(&path).unwrap(), webhooks);
+        // Slow sandbox payments confirm after 300 ms; the payment worker looks every 50 ms.
+        let sandbox = Arc::new(
+            Sandbox::open(&directory.path().join("tally.sandbox.db"), std::time::Duration::from_millis(300)).unwrap(),
+        );
+        let payments = PaymentsConfig {
+            poll: std::time::Duration::from_millis(50),
+            retry_after: std::time::Duration::from_millis(200),
+            abort_after_capture: false,
+        };
         let state = Arc::new(
             AppState::new(engine.handle(), projector, HistoryReader::open(&path).unwrap(), keys, clock)
-                .with_webhooks(webhooks),
+                .with_webhooks(webhooks)
+                .with_payments(sandbox.clone(), payments),
         );
         let state = match nats {
             Some(config) => Arc::new(Arc::into_inner(state).unwrap().with_nats(config)),
@@ -72,6 +86,7 @@ impl Server {
         }));
         Server {
             base,
+            sandbox,
             admin,
             client: Client::new(),
             state,
