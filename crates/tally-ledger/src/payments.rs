@@ -7,6 +7,7 @@
 //! ignores every later answer. The server does the asking, and after a crash finds the
 //! pending records here and asks the provider what became of them.
 
+use crate::billing::SubscriptionStatus;
 use crate::command::*;
 use crate::ids::*;
 use crate::money::{Amount, Currency, Money, PartsPerMillion};
@@ -194,6 +195,8 @@ pub struct Checkout {
     pub hold: Option<HoldId>,
     pub method: Option<PaymentMethodId>,
     pub description: Box<str>,
+    /// The subscription whose recurring fee this collects (a renewal), if any.
+    pub subscription: Option<SubscriptionId>,
     pub status: PaymentStatus,
     pub created_at: Timestamp,
     pub settled_at: Option<Timestamp>,
@@ -927,6 +930,7 @@ impl State {
             hold: None,
             method: if card_part > 0 { method } else { None },
             description: description.into(),
+            subscription: None,
             status: PaymentStatus::Pending,
             created_at: now,
             settled_at: None,
@@ -977,6 +981,80 @@ impl State {
         self.payments.checkouts.push(checkout.clone());
         let settled = checkout.status != PaymentStatus::Pending;
         Ok(PaymentReceipt::Checkout { checkout: Box::new(checkout), created: true, settled, operation })
+    }
+
+    /// Starts collecting a subscription's outstanding fee wallet first, under an
+    /// exclusive hold, and the rest from the consumer's default payment method. False
+    /// when there is no usable default method, a renewal payment is already pending,
+    /// or the fee cannot go to a card (not whole minor units).
+    pub(crate) fn start_renewal_payment(&mut self, id: SubscriptionId, now: Timestamp) -> bool {
+        let s = &self.subscriptions[index(id.0)];
+        let (consumer, merchant, wallet, merchant_wallet, owed) =
+            (s.consumer, s.merchant, s.wallet, s.merchant_wallet, s.outstanding);
+        let plan = self.plan(s.plan).expect("subscription's plan exists");
+        let (currency, rate) = (plan.spec.currency, self.fee_rate(plan));
+        let Some(&method) = self.payments.default_method.get(&consumer) else { return false };
+        if self.usable_method(method, consumer).is_err()
+            || owed <= 0
+            || owed % currency.units_per_minor() != 0
+            || self.payments.pending_checkouts.iter().any(|c| self.payments.checkouts[index(c.0)].subscription == Some(id))
+        {
+            return false;
+        }
+        let Ok(fee) = Self::fee_of(Amount::from_units(owed), Fee::Rate(rate)) else { return false };
+        let Some(w) = self.wallet(wallet) else { return false };
+        let wallet_part = if w.exclusive_hold != 0 || w.status != WalletStatus::Active {
+            0
+        } else {
+            let spendable = self.spendable_for(w, merchant, now).min(owed);
+            spendable / currency.units_per_minor() * currency.units_per_minor()
+        };
+        let card_part = owed - wallet_part;
+        if self.system_fits(SystemAccount::ExternalFunding, currency, -card_part).is_err() {
+            return false;
+        }
+        let checkout_id = CheckoutId(self.payments.checkouts.len() as u64 + 1);
+        let mut hold = None;
+        if wallet_part > 0 {
+            let action = MoneyAction::PlaceHold {
+                wallet,
+                amount: Money::new(Amount::from_units(wallet_part), currency),
+                ttl_ms: CHECKOUT_HOLD_TTL_MS,
+                exclusive: true,
+                payee: Some(merchant_wallet),
+                product: None,
+                description: format!("renewal {id}"),
+            };
+            match self.apply_action(&action, now) {
+                Ok(Receipt::HoldPlaced { hold: placed, .. }) => hold = Some(placed),
+                _ => return false,
+            }
+        }
+        self.payments.checkouts.push(Checkout {
+            id: checkout_id,
+            consumer,
+            merchant,
+            consumer_wallet: wallet,
+            merchant_wallet,
+            currency,
+            amount: owed,
+            wallet_part,
+            card_part,
+            fee,
+            hold,
+            method: Some(method),
+            description: format!("recurring fee of {id}").into(),
+            subscription: Some(id),
+            status: PaymentStatus::Pending,
+            created_at: now,
+            settled_at: None,
+            provider_reference: None,
+            failure_code: None,
+            failure_message: None,
+            operation: None,
+        });
+        self.payments.pending_checkouts.insert(checkout_id);
+        true
     }
 
     /// What `wallet` can spend with `merchant` now: applicable grants and main balance,
@@ -1033,7 +1111,16 @@ impl State {
                 if checkout.fee > 0 {
                     legs.push(self.post_system(SystemAccount::PlatformRevenue, currency, checkout.fee));
                 }
-                let posted = self.next_operation(OperationKind::Checkout, currency, now, legs);
+                let kind =
+                    if checkout.subscription.is_some() { OperationKind::RecurringFee } else { OperationKind::Checkout };
+                let posted = self.next_operation(kind, currency, now, legs);
+                if let Some(subscription) = checkout.subscription {
+                    let s = &mut self.subscriptions[index(subscription.0)];
+                    s.outstanding = 0;
+                    if s.status == SubscriptionStatus::PastDue {
+                        s.status = SubscriptionStatus::Active;
+                    }
+                }
                 let record = &mut self.payments.checkouts[index(id.0)];
                 record.status = PaymentStatus::Succeeded;
                 record.provider_reference = Some(reference.as_str().into());
@@ -1052,6 +1139,13 @@ impl State {
                 record.status = PaymentStatus::Failed;
                 record.failure_code = Some(truncate(code).into());
                 record.failure_message = Some(truncate(message).into());
+                if let Some(subscription) = checkout.subscription {
+                    let s = &mut self.subscriptions[index(subscription.0)];
+                    if s.status == SubscriptionStatus::Active {
+                        s.status = SubscriptionStatus::PastDue;
+                        self.renewals.insert((now.saturating_add(crate::usage::FEE_RETRY_MS), subscription));
+                    }
+                }
             }
         }
         let record = &mut self.payments.checkouts[index(id.0)];

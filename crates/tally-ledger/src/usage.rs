@@ -247,7 +247,7 @@ impl State {
         }
     }
 
-    fn fee_rate(&self, plan: &PricePlan) -> PartsPerMillion {
+    pub(crate) fn fee_rate(&self, plan: &PricePlan) -> PartsPerMillion {
         plan.spec.platform_fee.unwrap_or(self.settings.platform_fee)
     }
 
@@ -288,6 +288,10 @@ impl State {
                     self.subscriptions[index(id.0)].outstanding = 0;
                     SubscriptionStatus::Active
                 }
+                // The wallet cannot pay it all: the wallet part under an exclusive
+                // hold, the rest by the consumer's default payment method, settled
+                // when the provider answers (past due then if it fails).
+                _ if self.start_renewal_payment(id, now) => SubscriptionStatus::Active,
                 _ => {
                     self.renewals.insert((now.saturating_add(FEE_RETRY_MS), id));
                     SubscriptionStatus::PastDue

@@ -394,6 +394,7 @@ pub fn checkout_json(checkout: &Checkout) -> Value {
         "wallet_part": units(checkout.wallet_part),
         "card_part": units(checkout.card_part),
         "platform_fee": units(checkout.fee),
+        "subscription": checkout.subscription.map(|s| s.to_string()),
         "status": status_text(&checkout.status),
         "created_at_ms": checkout.created_at,
         "settled_at_ms": checkout.settled_at,
@@ -468,6 +469,20 @@ fn payment_events(command: &PaymentCommand, receipt: &PaymentReceipt, out: &mut 
                 } else {
                     "checkout.failed"
                 });
+                // A renewal's card part failed: the subscription is past due.
+                if let (Some(subscription), PaymentStatus::Failed) = (checkout.subscription, checkout.status) {
+                    for organization in [checkout.consumer, checkout.merchant] {
+                        out.push(NewEvent {
+                            kind: "subscription.past_due",
+                            organization: Some(organization),
+                            object: subscription.to_string(),
+                            data: json!({"id": subscription.to_string(), "object": "subscription",
+                                         "consumer": checkout.consumer.to_string(),
+                                         "merchant": checkout.merchant.to_string(), "status": "past_due",
+                                         "checkout": checkout.id.to_string()}),
+                        });
+                    }
+                }
             }
             if let Some(operation) = operation {
                 for organization in [checkout.consumer, checkout.merchant] {

@@ -435,3 +435,60 @@ fn a_checkout_the_wallet_covers_completes_at_once_and_refusals_move_nothing() {
     assert_eq!(pay(&mut state, no_method).unwrap_err(), Rejection::PaymentMethodRequired);
     assert_eq!(state, before);
 }
+
+/// Merchant org 2 with plan 1 (recurring fee 30.00, no usage prices, no platform fee);
+/// consumer org 1 (card pm_1 as default) funded with `funds` and subscribed.
+fn renewal_ledger(funds: &str) -> (State, PaymentReceipt) {
+    use tally_ledger::billing::*;
+    let mut state = payments_ledger();
+    let spec = PlanSpec {
+        merchant: MERCHANT,
+        name: "Pro".into(),
+        currency: usd(),
+        period: BillingPeriod::Month,
+        recurring_fee: Some(a("30.00")),
+        prices: Vec::new(),
+        platform_fee: Some(PartsPerMillion(0)),
+        replaces: None,
+    };
+    state.apply(&Command::CreatePlan { spec }, START).unwrap();
+    run(&mut state, "fund", credit(1, funds)).unwrap();
+    state.apply(&Command::Subscribe { consumer: CONSUMER, plan: PlanId(1) }, START).unwrap();
+    let pending = state.payments.pending_checkouts.first().copied().expect("a renewal payment is pending");
+    let checkout = state.payments.checkout(pending).unwrap().clone();
+    (state, PaymentReceipt::Checkout { checkout: Box::new(checkout), created: true, settled: false, operation: None })
+}
+
+#[test]
+fn seed_renewal_collects_wallet_first_under_an_exclusive_hold_and_the_card_for_the_rest() {
+    use tally_ledger::billing::SubscriptionStatus;
+    let (mut state, receipt) = renewal_ledger("10.00");
+    let renewal = started(receipt);
+    assert_eq!((renewal.wallet_part, renewal.card_part), (a("10.00").units(), a("20.00").units()));
+    assert_eq!(renewal.subscription, Some(SubscriptionId(1)));
+    assert_eq!(state.subscription(SubscriptionId(1)).unwrap().status, SubscriptionStatus::Active);
+    // While the renewal's exclusive hold is active, a checkout using the wallet is refused.
+    assert_eq!(checkout(&mut state, "c1", "1.00", true).unwrap_err(), Rejection::WalletOnHold);
+    let PaymentReceipt::Checkout { operation: Some(operation), .. } =
+        pay(&mut state, PaymentCommand::SettleCheckout { checkout: renewal.id, outcome: succeeded() }).unwrap()
+    else {
+        panic!()
+    };
+    assert_eq!(operation.kind, OperationKind::RecurringFee);
+    assert_eq!(balance(&state, 1), "0.00");
+    assert_eq!(balance(&state, 2), "30.00");
+    assert_eq!(state.subscription(SubscriptionId(1)).unwrap().outstanding, 0);
+    assert!(state.check_invariants().is_empty(), "{:?}", state.check_invariants());
+}
+
+#[test]
+fn a_renewal_whose_card_fails_releases_the_hold_and_goes_past_due() {
+    use tally_ledger::billing::SubscriptionStatus;
+    let (mut state, receipt) = renewal_ledger("10.00");
+    let renewal = started(receipt);
+    pay(&mut state, PaymentCommand::SettleCheckout { checkout: renewal.id, outcome: declined() }).unwrap();
+    assert_eq!(state.subscription(SubscriptionId(1)).unwrap().status, SubscriptionStatus::PastDue);
+    assert_eq!(available(&state, 1), "10.00");
+    assert_eq!(balance(&state, 2), "0.00");
+    assert!(state.holds.is_empty());
+}

@@ -196,6 +196,7 @@ pub(crate) fn checkout_view(checkout: &Checkout) -> Value {
         "hold": checkout.hold.map(|h| h.to_string()),
         "payment_method": checkout.method.map(|m| m.to_string()),
         "description": checkout.description.as_ref(),
+        "subscription": checkout.subscription.map(|s| s.to_string()),
         "status": checkout.status,
         "created_at": time::format(checkout.created_at),
         "settled_at": checkout.settled_at.map(time::format),
