@@ -396,7 +396,8 @@ impl Writer {
                             // answer to a settled one, changes nothing.
                             Receipt::Payment(
                                 PaymentReceipt::TopUp { created: false, settled: false, .. }
-                                | PaymentReceipt::Checkout { created: false, settled: false, .. },
+                                | PaymentReceipt::Checkout { created: false, settled: false, .. }
+                                | PaymentReceipt::Refund { created: false, settled: false, .. },
                             ) => false,
                             // A tick runs only when something is due, and it may change state
                             // without moving money (a grant turning expired), so every tick is

@@ -460,6 +460,10 @@ pub enum OperationKind {
     RecurringFee,
     /// A checkout: the wallet part and the card part to the merchant, less the fee.
     Checkout,
+    /// Money given back: a top-up to its payment method, or a payment to the consumer.
+    Refund,
+    /// A top-up refund the provider refused, put back.
+    RefundReversal,
 }
 
 impl OperationKind {
@@ -476,6 +480,8 @@ impl OperationKind {
             OperationKind::GrantVoid => "grant_void",
             OperationKind::RecurringFee => "recurring_fee",
             OperationKind::Checkout => "checkout",
+            OperationKind::Refund => "refund",
+            OperationKind::RefundReversal => "refund_reversal",
         }
     }
 }
@@ -626,7 +632,8 @@ impl Receipt {
             Receipt::Subscription { fee, .. } => fee.iter().collect(),
             Receipt::Payment(
                 crate::payments::PaymentReceipt::TopUp { operation, .. }
-                | crate::payments::PaymentReceipt::Checkout { operation, .. },
+                | crate::payments::PaymentReceipt::Checkout { operation, .. }
+                | crate::payments::PaymentReceipt::Refund { operation, .. },
             ) => operation.iter().collect(),
             Receipt::Usage { results } => {
                 results.iter().filter_map(|r| r.as_ref().ok().and_then(|c| c.operation.as_ref())).collect()

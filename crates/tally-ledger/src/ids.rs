@@ -48,6 +48,7 @@ id_type!(SubscriptionId, "sub");
 id_type!(PaymentMethodId, "pm");
 id_type!(TopUpId, "top");
 id_type!(CheckoutId, "chk");
+id_type!(RefundId, "ref");
 
 #[cfg(test)]
 mod tests {

@@ -176,6 +176,9 @@ pub struct TopUp {
     /// The receipt number of a succeeded top-up (1, 2, ... across the platform).
     pub receipt_number: Option<u64>,
     pub operation: Option<OperationId>,
+    /// What refunds have taken back (pending or succeeded), and of each tax line.
+    pub refunded: i128,
+    pub refunded_taxes: Vec<i128>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -206,6 +209,42 @@ pub struct Checkout {
     pub operation: Option<OperationId>,
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RefundOf {
+    /// A top-up, back to its payment method.
+    TopUp(TopUpId),
+    /// A charge or checkout operation, back to the consumer's wallet.
+    Payment(OperationId),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Refund {
+    pub id: RefundId,
+    pub of: RefundOf,
+    /// The consumer's wallet the money leaves (top-up) or returns to (payment).
+    pub wallet: WalletId,
+    pub organization: OrganizationId,
+    pub currency: Currency,
+    pub amount: i128,
+    /// Taxes refunded with a top-up refund.
+    pub taxes: Vec<TaxLine>,
+    /// What goes back to the payment method (amount plus taxes); zero for payments.
+    pub total: i128,
+    /// For a payment refund: the merchant's wallet and share, and the platform's fee share.
+    pub merchant_wallet: Option<WalletId>,
+    pub merchant_part: i128,
+    pub fee_part: i128,
+    pub reason: Box<str>,
+    pub status: PaymentStatus,
+    pub created_at: Timestamp,
+    pub settled_at: Option<Timestamp>,
+    pub operation: Option<OperationId>,
+    /// The operation that put the money back when the provider refused the refund.
+    pub reversal: Option<OperationId>,
+    pub failure_code: Option<Box<str>>,
+}
+
 /// A payment provider's final answer about a payment.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum ProviderOutcome {
@@ -231,6 +270,11 @@ pub struct Payments {
     pub pending_checkouts: BTreeSet<CheckoutId>,
     /// Wallets whose auto top-up is due, from when.
     pub auto_due: BTreeSet<(Timestamp, WalletId)>,
+    pub refunds: Vec<Refund>,
+    pub refund_keys: FxHashMap<u128, RefundId>,
+    pub pending_refunds: BTreeSet<RefundId>,
+    /// What has been refunded of each charge or checkout operation.
+    pub refunded_payments: FxHashMap<OperationId, i128>,
     pub receipts_issued: u64,
 }
 
@@ -299,6 +343,28 @@ pub enum PaymentCommand {
         checkout: CheckoutId,
         outcome: ProviderOutcome,
     },
+    /// Refunds (part of) a top-up's unspent money to its payment method: the money and
+    /// its taxes in proportion leave at once; the provider is asked after.
+    RefundTopUp {
+        key: IdempotencyKey,
+        top_up: TopUpId,
+        amount: Option<Amount>,
+        reason: String,
+    },
+    SettleRefund {
+        refund: RefundId,
+        outcome: ProviderOutcome,
+    },
+    /// Refunds (part of) a charge or checkout to the consumer: to the grants it came
+    /// from while they are usable, else the main balance; taken from the merchant and
+    /// the platform fee in proportion. `operation` is the operation as recorded
+    /// (history reads it); what was already refunded of it is kept here.
+    RefundPayment {
+        key: IdempotencyKey,
+        operation: Operation,
+        amount: Option<Amount>,
+        reason: String,
+    },
 }
 
 /// What a payments command did.
@@ -327,6 +393,12 @@ pub enum PaymentReceipt {
     },
     Checkout {
         checkout: Box<Checkout>,
+        created: bool,
+        settled: bool,
+        operation: Option<Operation>,
+    },
+    Refund {
+        refund: Box<Refund>,
         created: bool,
         settled: bool,
         operation: Option<Operation>,
@@ -621,7 +693,33 @@ impl State {
                 receipt
             }
             PaymentCommand::SettleCheckout { checkout, outcome } => self.settle_checkout(*checkout, outcome, now)?,
+            PaymentCommand::RefundTopUp { key, top_up, amount, reason } => {
+                if let Some(existing) = self.payments.refund_keys.get(&key.0) {
+                    let refund = &self.payments.refunds[index(existing.0)];
+                    if refund.of != RefundOf::TopUp(*top_up) {
+                        return Err(Rejection::IdempotencyKeyMismatch);
+                    }
+                    return Ok(Receipt::Payment(replayed_refund(refund)));
+                }
+                let receipt = self.refund_top_up(*top_up, *amount, reason, now)?;
+                self.note_refund_key(*key, &receipt);
+                receipt
+            }
+            PaymentCommand::SettleRefund { refund, outcome } => self.settle_refund(*refund, outcome, now)?,
+            PaymentCommand::RefundPayment { key, operation, amount, reason } => {
+                if let Some(existing) = self.payments.refund_keys.get(&key.0) {
+                    let refund = &self.payments.refunds[index(existing.0)];
+                    if refund.of != RefundOf::Payment(operation.id) {
+                        return Err(Rejection::IdempotencyKeyMismatch);
+                    }
+                    return Ok(Receipt::Payment(replayed_refund(refund)));
+                }
+                let receipt = self.refund_payment(operation, *amount, reason, now)?;
+                self.note_refund_key(*key, &receipt);
+                receipt
+            }
         };
+
         Ok(Receipt::Payment(receipt))
     }
 
@@ -700,6 +798,8 @@ impl State {
             failure_message: None,
             receipt_number: None,
             operation: None,
+            refunded: 0,
+            refunded_taxes: Vec::new(),
         };
         self.payments.top_ups.push(top_up.clone());
         self.payments.pending_top_ups.insert(id);
@@ -997,7 +1097,11 @@ impl State {
         if self.usable_method(method, consumer).is_err()
             || owed <= 0
             || owed % currency.units_per_minor() != 0
-            || self.payments.pending_checkouts.iter().any(|c| self.payments.checkouts[index(c.0)].subscription == Some(id))
+            || self
+                .payments
+                .pending_checkouts
+                .iter()
+                .any(|c| self.payments.checkouts[index(c.0)].subscription == Some(id))
         {
             return false;
         }
@@ -1153,6 +1257,272 @@ impl State {
         let snapshot = record.clone();
         self.payments.pending_checkouts.remove(&id);
         Ok(PaymentReceipt::Checkout { checkout: Box::new(snapshot), created: false, settled: true, operation })
+    }
+}
+
+fn replayed_refund(refund: &Refund) -> PaymentReceipt {
+    PaymentReceipt::Refund { refund: Box::new(refund.clone()), created: false, settled: false, operation: None }
+}
+
+impl State {
+    fn note_refund_key(&mut self, key: IdempotencyKey, receipt: &PaymentReceipt) {
+        if let PaymentReceipt::Refund { refund, .. } = receipt {
+            self.payments.refund_keys.insert(key.0, refund.id);
+        }
+    }
+
+    fn refund_top_up(
+        &mut self,
+        id: TopUpId,
+        amount: Option<Amount>,
+        reason: &str,
+        now: Timestamp,
+    ) -> Result<PaymentReceipt, Rejection> {
+        text_ok(reason, true)?;
+        let top_up = self.payments.top_up(id).ok_or(Rejection::TopUpNotFound)?;
+        if top_up.status != PaymentStatus::Succeeded {
+            return Err(Rejection::NotRefundable);
+        }
+        let (wallet, currency) = (top_up.wallet, top_up.currency);
+        let left = top_up.amount - top_up.refunded;
+        let units = match amount {
+            Some(amount) => positive(amount)?,
+            None => left,
+        };
+        if units <= 0 || units > left {
+            return Err(Rejection::RefundExceedsPayment);
+        }
+        if units % currency.units_per_minor() != 0 {
+            return Err(Rejection::AmountNotInMinorUnits);
+        }
+        // Only what is unspent goes back: the main balance not reserved by holds.
+        let w = self.wallet(wallet).ok_or(Rejection::WalletNotFound)?;
+        if units > w.main - w.main_held {
+            return Err(Rejection::InsufficientFunds);
+        }
+        // Taxes in proportion, each rounded half to even to minor units; the last
+        // refund takes exactly what is left, so the total refunded equals what was paid.
+        let last = units == left;
+        let per_minor = currency.units_per_minor();
+        let mut taxes = Vec::with_capacity(top_up.taxes.len());
+        for (i, line) in top_up.taxes.iter().enumerate() {
+            let done = top_up.refunded_taxes.get(i).copied().unwrap_or(0);
+            let share = if last {
+                line.amount - done
+            } else {
+                let exact = line.amount.checked_mul(units).ok_or(Rejection::AmountOverflow)?;
+                crate::money::divide_round_half_even(exact, top_up.amount * per_minor) * per_minor
+            };
+            taxes.push(TaxLine { name: line.name.clone(), amount: share.min(line.amount - done).max(0) });
+        }
+        let tax: i128 = taxes.iter().map(|t| t.amount).sum();
+        let total = units + tax;
+        let organization = top_up.organization;
+        // Checks are done; the money leaves now and comes back if the provider refuses.
+        self.wallet_mut(wallet).main -= units;
+        let mut legs = Legs::new();
+        legs.push(self.wallet_leg(wallet, -units, Vec::new()));
+        if tax > 0 {
+            legs.push(self.post_system(SystemAccount::TaxPayable, currency, -tax));
+        }
+        legs.push(self.post_system(SystemAccount::ExternalFunding, currency, total));
+        let operation = self.next_operation(OperationKind::Refund, currency, now, legs);
+        let record = &mut self.payments.top_ups[index(id.0)];
+        record.refunded += units;
+        record.refunded_taxes.resize(record.taxes.len(), 0);
+        for (i, line) in taxes.iter().enumerate() {
+            record.refunded_taxes[i] += line.amount;
+        }
+        let refund = Refund {
+            id: RefundId(self.payments.refunds.len() as u64 + 1),
+            of: RefundOf::TopUp(id),
+            wallet,
+            organization,
+            currency,
+            amount: units,
+            taxes,
+            total,
+            merchant_wallet: None,
+            merchant_part: 0,
+            fee_part: 0,
+            reason: reason.into(),
+            status: PaymentStatus::Pending,
+            created_at: now,
+            settled_at: None,
+            operation: Some(operation.id),
+            reversal: None,
+            failure_code: None,
+        };
+        self.payments.pending_refunds.insert(refund.id);
+        self.payments.refunds.push(refund.clone());
+        Ok(PaymentReceipt::Refund {
+            refund: Box::new(refund),
+            created: true,
+            settled: false,
+            operation: Some(operation),
+        })
+    }
+
+    fn settle_refund(
+        &mut self,
+        id: RefundId,
+        outcome: &ProviderOutcome,
+        now: Timestamp,
+    ) -> Result<PaymentReceipt, Rejection> {
+        let refund = self.payments.refunds.get(index(id.0)).ok_or(Rejection::RefundNotFound)?.clone();
+        if refund.status != PaymentStatus::Pending {
+            return Ok(replayed_refund(&refund));
+        }
+        let mut operation = None;
+        let record = &mut self.payments.refunds[index(id.0)];
+        record.settled_at = Some(now);
+        match outcome {
+            ProviderOutcome::Succeeded { .. } => record.status = PaymentStatus::Succeeded,
+            ProviderOutcome::Failed { code, .. } => {
+                record.status = PaymentStatus::Failed;
+                record.failure_code = Some(truncate(code).into());
+                // The provider refused: the money goes back where it came from.
+                let currency = refund.currency;
+                let tax: i128 = refund.taxes.iter().map(|t| t.amount).sum();
+                let mut legs = Legs::new();
+                legs.push(self.post_system(SystemAccount::ExternalFunding, currency, -refund.total));
+                self.wallet_mut(refund.wallet).main += refund.amount;
+                legs.push(self.wallet_leg(refund.wallet, refund.amount, Vec::new()));
+                if tax > 0 {
+                    legs.push(self.post_system(SystemAccount::TaxPayable, currency, tax));
+                }
+                let posted = self.next_operation(OperationKind::RefundReversal, currency, now, legs);
+                self.payments.refunds[index(id.0)].reversal = Some(posted.id);
+                if let RefundOf::TopUp(top_up) = refund.of {
+                    let record = &mut self.payments.top_ups[index(top_up.0)];
+                    record.refunded -= refund.amount;
+                    for (i, line) in refund.taxes.iter().enumerate() {
+                        record.refunded_taxes[i] -= line.amount;
+                    }
+                }
+                operation = Some(posted);
+            }
+        }
+        self.payments.pending_refunds.remove(&id);
+        let snapshot = self.payments.refunds[index(id.0)].clone();
+        Ok(PaymentReceipt::Refund { refund: Box::new(snapshot), created: false, settled: true, operation })
+    }
+
+    fn refund_payment(
+        &mut self,
+        original: &Operation,
+        amount: Option<Amount>,
+        reason: &str,
+        now: Timestamp,
+    ) -> Result<PaymentReceipt, Rejection> {
+        text_ok(reason, true)?;
+        if !matches!(original.kind, OperationKind::Charge | OperationKind::Checkout | OperationKind::HoldCapture)
+            || original.id.0 == 0
+            || original.id.0 >= self.next_operation_id
+        {
+            return Err(Rejection::NotRefundable);
+        }
+        let currency = original.currency;
+        let mut consumer = None;
+        let mut merchant = None;
+        let mut fee = 0i128;
+        let mut card = 0i128;
+        for leg in &original.legs {
+            match leg.account {
+                Account::Wallet(wallet) if leg.amount.units() < 0 && consumer.is_none() => {
+                    consumer = Some((wallet, leg.clone()))
+                }
+                Account::Wallet(wallet) if leg.amount.units() > 0 && merchant.is_none() => merchant = Some(wallet),
+                Account::System(SystemAccount::PlatformRevenue, _) => fee += leg.amount.units(),
+                Account::System(SystemAccount::ExternalFunding, _) => card -= leg.amount.units(),
+                _ => {}
+            }
+        }
+        let (Some((consumer_wallet, consumer_leg)), Some(merchant_wallet)) = (consumer, merchant) else {
+            return Err(Rejection::NotRefundable);
+        };
+        let paid = -consumer_leg.amount.units() + card;
+        let done = self.payments.refunded_payments.get(&original.id).copied().unwrap_or(0);
+        let units = match amount {
+            Some(amount) => positive(amount)?,
+            None => paid - done,
+        };
+        if units <= 0 || units > paid - done {
+            return Err(Rejection::RefundExceedsPayment);
+        }
+        // The platform's fee in proportion (rounded down); the merchant gives the rest.
+        let fee_part = fee.checked_mul(units).ok_or(Rejection::AmountOverflow)? / paid;
+        let merchant_part = units - fee_part;
+        let m = self.wallet(merchant_wallet).ok_or(Rejection::WalletNotFound)?;
+        if merchant_part > m.main - m.main_held {
+            return Err(Rejection::MerchantInsufficientFunds);
+        }
+        let c = self.open_wallet(consumer_wallet, currency)?;
+        add(add(c.main, c.granted)?, units)?;
+        let organization = c.organization;
+        // Checks are done. Back to the grants it came from while usable, else main.
+        let mut left = units;
+        let mut portions = Vec::new();
+        for portion in &consumer_leg.grants {
+            let taken = -portion.amount.units();
+            let Some(grant) = self.grant(portion.grant) else { continue };
+            let usable = matches!(grant.status, GrantStatus::Active | GrantStatus::Spent)
+                && grant.expires_at.is_none_or(|at| at > now);
+            let give = taken.min(left).min(grant.amount - grant.remaining);
+            if !usable || give <= 0 {
+                continue;
+            }
+            let order = grant.spending_order();
+            let grant = self.grant_mut(portion.grant);
+            grant.remaining += give;
+            grant.status = GrantStatus::Active;
+            let grants = &self.grants;
+            let w = &mut self.wallets[index(consumer_wallet.0)];
+            if !w.grants.contains(&portion.grant) {
+                let position = w.grants.partition_point(|g| grants[index(g.0)].spending_order() < order);
+                w.grants.insert(position, portion.grant);
+            }
+            w.granted += give;
+            portions.push(GrantPortion { grant: portion.grant, amount: Amount::from_units(give) });
+            left -= give;
+        }
+        self.wallet_mut(consumer_wallet).main += left;
+        self.wallet_mut(merchant_wallet).main -= merchant_part;
+        let mut legs = Legs::new();
+        legs.push(self.wallet_leg(merchant_wallet, -merchant_part, Vec::new()));
+        if fee_part > 0 {
+            legs.push(self.post_system(SystemAccount::PlatformRevenue, currency, -fee_part));
+        }
+        legs.push(self.wallet_leg(consumer_wallet, units, portions));
+        let operation = self.next_operation(OperationKind::Refund, currency, now, legs);
+        *self.payments.refunded_payments.entry(original.id).or_default() += units;
+        let refund = Refund {
+            id: RefundId(self.payments.refunds.len() as u64 + 1),
+            of: RefundOf::Payment(original.id),
+            wallet: consumer_wallet,
+            organization,
+            currency,
+            amount: units,
+            taxes: Vec::new(),
+            total: 0,
+            merchant_wallet: Some(merchant_wallet),
+            merchant_part,
+            fee_part,
+            reason: reason.into(),
+            status: PaymentStatus::Succeeded,
+            created_at: now,
+            settled_at: Some(now),
+            operation: Some(operation.id),
+            reversal: None,
+            failure_code: None,
+        };
+        self.payments.refunds.push(refund.clone());
+        Ok(PaymentReceipt::Refund {
+            refund: Box::new(refund),
+            created: true,
+            settled: true,
+            operation: Some(operation),
+        })
     }
 }
 

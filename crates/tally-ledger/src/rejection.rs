@@ -134,6 +134,14 @@ pub enum Rejection {
     AutoTopUpNotNeeded,
     #[error("the rule's daily limit on count or amount is reached")]
     AutoTopUpLimitReached,
+    #[error("only a succeeded top-up, or a charge or checkout, can be refunded")]
+    NotRefundable,
+    #[error("the refund is larger than what is left to refund")]
+    RefundExceedsPayment,
+    #[error("no such refund")]
+    RefundNotFound,
+    #[error("the merchant's available balance does not cover the refund")]
+    MerchantInsufficientFunds,
 }
 
 impl Rejection {
@@ -205,6 +213,10 @@ impl Rejection {
             AutoTopUpBackingOff => "auto_top_up_backing_off",
             AutoTopUpNotNeeded => "auto_top_up_not_needed",
             AutoTopUpLimitReached => "auto_top_up_limit_reached",
+            NotRefundable => "not_refundable",
+            RefundExceedsPayment => "refund_exceeds_payment",
+            RefundNotFound => "refund_not_found",
+            MerchantInsufficientFunds => "merchant_insufficient_funds",
         }
     }
 
@@ -279,6 +291,10 @@ impl Rejection {
         Rejection::AutoTopUpBackingOff,
         Rejection::AutoTopUpNotNeeded,
         Rejection::AutoTopUpLimitReached,
+        Rejection::NotRefundable,
+        Rejection::RefundExceedsPayment,
+        Rejection::RefundNotFound,
+        Rejection::MerchantInsufficientFunds,
     ];
 }
 

@@ -131,7 +131,7 @@ pub struct Grant {
 }
 
 impl Grant {
-    fn spending_order(&self) -> (u32, Timestamp, GrantId) {
+    pub(crate) fn spending_order(&self) -> (u32, Timestamp, GrantId) {
         (self.priority, self.expires_at.unwrap_or(Timestamp::MAX), self.id)
     }
 

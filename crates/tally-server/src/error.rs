@@ -90,7 +90,8 @@ pub fn status_of(code: &str) -> StatusCode {
         | "subscription_not_found"
         | "payment_method_not_found"
         | "top_up_not_found"
-        | "checkout_not_found" => StatusCode::NOT_FOUND,
+        | "checkout_not_found"
+        | "refund_not_found" => StatusCode::NOT_FOUND,
         "idempotency_key_in_use"
         | "wallet_already_exists"
         | "meter_code_taken"
@@ -126,7 +127,10 @@ pub fn status_of(code: &str) -> StatusCode {
         | "auto_top_up_in_flight"
         | "auto_top_up_backing_off"
         | "auto_top_up_not_needed"
-        | "auto_top_up_limit_reached" => StatusCode::UNPROCESSABLE_ENTITY,
+        | "auto_top_up_limit_reached"
+        | "not_refundable"
+        | "refund_exceeds_payment"
+        | "merchant_insufficient_funds" => StatusCode::UNPROCESSABLE_ENTITY,
         "provider_unavailable" => StatusCode::BAD_GATEWAY,
         "rate_limited" => StatusCode::TOO_MANY_REQUESTS,
         "busy" | "not_ready" | "shutting_down" => StatusCode::SERVICE_UNAVAILABLE,

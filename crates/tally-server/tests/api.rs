@@ -389,6 +389,9 @@ const ENDPOINTS: &[(&str, &str)] = &[
     ("get", "/v1/top-ups/{id}/receipt"),
     ("post", "/v1/checkouts"),
     ("get", "/v1/checkouts/{id}"),
+    ("post", "/v1/top-ups/{id}/refunds"),
+    ("post", "/v1/operations/{id}/refunds"),
+    ("get", "/v1/refunds/{id}"),
 ];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -46,6 +46,9 @@ pub const EVENT_TYPES: &[&str] = &[
     "checkout.created",
     "checkout.succeeded",
     "checkout.failed",
+    "refund.created",
+    "refund.succeeded",
+    "refund.failed",
 ];
 
 /// An event before it is numbered: its type, the organization it belongs to (None:
@@ -493,6 +496,50 @@ fn payment_events(command: &PaymentCommand, receipt: &PaymentReceipt, out: &mut 
                         data: operation_json(operation),
                     });
                 }
+            }
+        }
+        (_, PaymentReceipt::Refund { refund, created, settled, operation }) => {
+            let currency = refund.currency;
+            let units = |u: i128| money(Amount::from_units(u), currency);
+            let data = json!({
+                "id": refund.id.to_string(),
+                "object": "refund",
+                "wallet": refund.wallet.to_string(),
+                "currency": currency.code(),
+                "amount": units(refund.amount),
+                "total": units(refund.total),
+                "merchant_part": units(refund.merchant_part),
+                "platform_fee_part": units(refund.fee_part),
+                "status": status_text(&refund.status),
+                "failure_code": refund.failure_code.as_deref(),
+                "operation": refund.operation.map(|o| o.to_string()),
+            });
+            let mut kinds = Vec::new();
+            if *created {
+                kinds.push("refund.created");
+            }
+            if *settled {
+                kinds.push(if refund.status == PaymentStatus::Succeeded {
+                    "refund.succeeded"
+                } else {
+                    "refund.failed"
+                });
+            }
+            for kind in kinds {
+                out.push(NewEvent {
+                    kind,
+                    organization: Some(refund.organization),
+                    object: refund.id.to_string(),
+                    data: data.clone(),
+                });
+            }
+            if let Some(operation) = operation {
+                out.push(NewEvent {
+                    kind: "operation.created",
+                    organization: Some(refund.organization),
+                    object: operation.id.to_string(),
+                    data: operation_json(operation),
+                });
             }
         }
         _ => {}

@@ -492,3 +492,151 @@ fn a_renewal_whose_card_fails_releases_the_hold_and_goes_past_due() {
     assert_eq!(balance(&state, 2), "0.00");
     assert!(state.holds.is_empty());
 }
+
+fn refund(state: &mut State, command: PaymentCommand) -> Result<Refund, Rejection> {
+    match pay(state, command)? {
+        PaymentReceipt::Refund { refund, .. } => Ok(*refund),
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+#[test]
+fn top_up_refunds_return_unspent_money_and_taxes_in_proportion() {
+    let mut state = payments_ledger();
+    sales_tax(&mut state);
+    let paid = top_up(&mut state, "t1", "20.00").unwrap();
+    settle(&mut state, paid.id, succeeded(), START);
+    // Spend 5.00: only 15.00 is unspent.
+    debit(&mut state, "spend", "5.00", START);
+    let too_much = PaymentCommand::RefundTopUp {
+        key: key("r0"),
+        top_up: paid.id,
+        amount: Some(a("16.00")),
+        reason: String::new(),
+    };
+    let before = state.clone();
+    assert_eq!(refund(&mut state, too_much).unwrap_err(), Rejection::InsufficientFunds);
+    assert_eq!(state, before);
+    let half = PaymentCommand::RefundTopUp {
+        key: key("r1"),
+        top_up: paid.id,
+        amount: Some(a("10.00")),
+        reason: String::new(),
+    };
+    let first = refund(&mut state, half).unwrap();
+    // 5% of 10.00 is 0.50; the 0.75 surcharge in proportion is 0.375 -> 0.38 (half to even).
+    assert_eq!(first.taxes.iter().map(|t| t.amount).collect::<Vec<_>>(), vec![a("0.50").units(), a("0.38").units()]);
+    assert_eq!(first.total, a("10.88").units());
+    assert_eq!(first.status, PaymentStatus::Pending);
+    assert_eq!(balance(&state, 1), "5.00", "the money leaves at once");
+    // The provider refuses: everything goes back.
+    pay(&mut state, PaymentCommand::SettleRefund { refund: first.id, outcome: declined() }).unwrap();
+    assert_eq!(balance(&state, 1), "15.00");
+    assert_eq!(system(&state, SystemAccount::TaxPayable), "1.75");
+    // Two refunds that together return everything: the taxes add up exactly.
+    credit_back(&mut state);
+    for (name, amount) in [("r2", Some(a("10.00"))), ("r3", None)] {
+        let command = PaymentCommand::RefundTopUp { key: key(name), top_up: paid.id, amount, reason: String::new() };
+        let made = refund(&mut state, command).unwrap();
+        pay(&mut state, PaymentCommand::SettleRefund { refund: made.id, outcome: succeeded() }).unwrap();
+    }
+    assert_eq!(system(&state, SystemAccount::TaxPayable), "0.00");
+    assert_eq!(state.payments.top_up(paid.id).unwrap().refunded, a("20.00").units());
+    let more = PaymentCommand::RefundTopUp { key: key("r4"), top_up: paid.id, amount: None, reason: String::new() };
+    assert_eq!(refund(&mut state, more).unwrap_err(), Rejection::RefundExceedsPayment);
+    assert!(state.check_invariants().is_empty(), "{:?}", state.check_invariants());
+}
+
+/// Puts 5.00 back in wallet 1 so that all of the 20.00 top-up is unspent again.
+fn credit_back(state: &mut State) {
+    run(state, "back", credit(1, "5.00")).unwrap();
+}
+
+#[test]
+fn payment_refunds_go_back_to_their_grants_and_come_from_merchant_and_fee_in_proportion() {
+    let mut state = payments_ledger();
+    state
+        .apply(
+            &Command::Configure {
+                settings: Settings { platform_fee: PartsPerMillion(100_000), ..Settings::default() },
+            },
+            START,
+        )
+        .unwrap();
+    // A 20.00 promotional grant and 100.00 main; a 50.00 checkout takes 20 + 30.
+    let grant = MoneyAction::Credit {
+        wallet: WalletId(1),
+        amount: money("20.00"),
+        kind: CreditKind::Adjustment,
+        source: AdjustmentSource::Promotions,
+        grant: Some(GrantSpec {
+            category: GrantCategory::Promotional,
+            priority: 1,
+            expires_at: None,
+            applicability: None,
+        }),
+        reason: String::new(),
+    };
+    run(&mut state, "grant", grant).unwrap();
+    run(&mut state, "fund", credit(1, "100.00")).unwrap();
+    let PaymentReceipt::Checkout { operation: Some(operation), .. } =
+        checkout(&mut state, "c1", "50.00", true).unwrap()
+    else {
+        panic!("the wallet covers it")
+    };
+    assert_eq!(balance(&state, 2), "45.00", "less the 10% fee");
+    // The merchant must cover its share.
+    let before = state.clone();
+    let drained = MoneyAction::Debit {
+        wallet: WalletId(2),
+        amount: money("40.00"),
+        source: AdjustmentSource::ExternalFunding,
+        reason: String::new(),
+    };
+    run(&mut state, "drain", drained).unwrap();
+    let all = PaymentCommand::RefundPayment {
+        key: key("r1"),
+        operation: operation.clone(),
+        amount: None,
+        reason: String::new(),
+    };
+    let after_drain = state.clone();
+    assert_eq!(refund(&mut state, all.clone()).unwrap_err(), Rejection::MerchantInsufficientFunds);
+    assert_eq!(state, after_drain);
+    state = before;
+    // 25.00 back: 2.50 from the fee, 22.50 from the merchant; to the grant first.
+    let part = PaymentCommand::RefundPayment {
+        key: key("r2"),
+        operation: operation.clone(),
+        amount: Some(a("25.00")),
+        reason: String::new(),
+    };
+    let made = refund(&mut state, part).unwrap();
+    assert_eq!((made.merchant_part, made.fee_part), (a("22.50").units(), a("2.50").units()));
+    assert_eq!(balance(&state, 2), "22.50");
+    let wallet = state.wallet(WalletId(1)).unwrap();
+    assert_eq!((wallet.granted, wallet.main), (a("20.00").units(), a("75.00").units()));
+    // The rest, then nothing more.
+    refund(
+        &mut state,
+        PaymentCommand::RefundPayment {
+            key: key("r3"),
+            operation: operation.clone(),
+            amount: None,
+            reason: String::new(),
+        },
+    )
+    .unwrap();
+    assert_eq!(balance(&state, 1), "120.00");
+    assert_eq!(balance(&state, 2), "0.00");
+    assert_eq!(system(&state, SystemAccount::PlatformRevenue), "0.00");
+    assert_eq!(
+        refund(
+            &mut state,
+            PaymentCommand::RefundPayment { key: key("r4"), operation, amount: None, reason: String::new() }
+        )
+        .unwrap_err(),
+        Rejection::RefundExceedsPayment
+    );
+    assert!(state.check_invariants().is_empty(), "{:?}", state.check_invariants());
+}

@@ -110,6 +110,9 @@ pub(crate) fn routes() -> utoipa_axum::router::OpenApiRouter<Arc<AppState>> {
         .routes(routes!(top_up_receipt))
         .routes(routes!(create_checkout))
         .routes(routes!(get_checkout))
+        .routes(routes!(refund_top_up))
+        .routes(routes!(refund_operation))
+        .routes(routes!(get_refund))
 }
 
 fn payments(app: &AppState) -> Result<&Arc<Payments>, ApiError> {
@@ -902,6 +905,169 @@ async fn get_checkout(AxumState(app): App, headers: HeaderMap, Path(id): Path<St
     }
 }
 
+// ---- refunds ----
+
+pub(crate) fn refund_view(refund: &Refund) -> Value {
+    let currency = refund.currency;
+    let (kind, of) = match refund.of {
+        RefundOf::TopUp(top_up) => ("top_up", top_up.to_string()),
+        RefundOf::Payment(operation) => ("payment", operation.to_string()),
+    };
+    json!({
+        "id": refund.id.to_string(),
+        "object": "refund",
+        "kind": kind,
+        "of": of,
+        "wallet": refund.wallet.to_string(),
+        "organization": refund.organization.to_string(),
+        "currency": currency.code(),
+        "amount": money_text(refund.amount, currency),
+        "taxes": taxes_view(&refund.taxes, currency),
+        "total": money_text(refund.total, currency),
+        "merchant_wallet": refund.merchant_wallet.map(|w| w.to_string()),
+        "merchant_part": money_text(refund.merchant_part, currency),
+        "platform_fee_part": money_text(refund.fee_part, currency),
+        "reason": refund.reason.as_ref(),
+        "status": refund.status,
+        "created_at": time::format(refund.created_at),
+        "settled_at": refund.settled_at.map(time::format),
+        "operation": refund.operation.map(|o| o.to_string()),
+        "reversal": refund.reversal.map(|o| o.to_string()),
+        "failure_code": refund.failure_code.as_deref(),
+    })
+}
+
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+struct CreateRefund {
+    /// Absent: all that is left to refund.
+    #[serde(default)]
+    amount: Option<String>,
+    #[serde(default)]
+    reason: String,
+}
+
+async fn refund_answer(app: &Arc<AppState>, command: PaymentCommand) -> ApiResult {
+    let Receipt::Payment(PaymentReceipt::Refund { refund, created, .. }) =
+        app.execute(Command::Payment(command)).await?
+    else {
+        return Err(ApiError::new("internal", "unexpected receipt"));
+    };
+    let id = refund.id;
+    if refund.status == PaymentStatus::Pending {
+        drive_refund(app, id).await;
+    }
+    let view = app.read(move |state| state.payments.refunds.get(id.0 as usize - 1).map(refund_view)).await?;
+    let mut response = (StatusCode::CREATED, Json(view.unwrap_or(Value::Null))).into_response();
+    if !created {
+        response.headers_mut().insert("idempotent-replayed", HeaderValue::from_static("true"));
+    }
+    Ok(response)
+}
+
+#[utoipa::path(post, path = "/v1/top-ups/{id}/refunds", tag = "payments", summary = "Refund a top-up's unspent money (and its taxes in proportion) to its payment method (platform)", request_body = CreateRefund, params(("id" = String, Path, description = "top-up id"), ("Idempotency-Key" = String, Header, description = "required")), responses((status = 201, description = "the refund"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
+async fn refund_top_up(
+    AxumState(app): App,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    ApiJson(body): ApiJson<CreateRefund>,
+) -> ApiResult {
+    let caller = caller(&app, &headers)?;
+    caller.require_admin()?;
+    payments(&app)?;
+    let key = idempotency_key(&caller, &headers)?;
+    let (top_up, _, _) = owned_top_up(&app, &caller, &id).await?;
+    let amount = match &body.amount {
+        Some(text) => Some(positive_money("amount", text, top_up.currency.code())?.amount),
+        None => None,
+    };
+    text("reason", &body.reason, true)?;
+    refund_answer(&app, PaymentCommand::RefundTopUp { key, top_up: top_up.id, amount, reason: body.reason }).await
+}
+
+#[utoipa::path(post, path = "/v1/operations/{id}/refunds", tag = "payments", summary = "Refund a charge or checkout to the consumer, taken from the merchant and the platform fee in proportion (the merchant or the platform)", request_body = CreateRefund, params(("id" = String, Path, description = "operation id"), ("Idempotency-Key" = String, Header, description = "required")), responses((status = 201, description = "the refund"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
+async fn refund_operation(
+    AxumState(app): App,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    ApiJson(body): ApiJson<CreateRefund>,
+) -> ApiResult {
+    let caller = caller(&app, &headers)?;
+    caller.require_write()?;
+    let key = idempotency_key(&caller, &headers)?;
+    let id = parse_id("operation", &id, OperationId::parse)?;
+    let operation = app.history(move |reader| reader.operation(id)).await?.ok_or_else(ApiError::not_found)?;
+    // Only the payee (the merchant) or the platform gives money back.
+    let payee = operation.legs.iter().find_map(|leg| match leg.account {
+        Account::Wallet(wallet) if leg.amount.units() > 0 => Some(wallet),
+        _ => None,
+    });
+    let owner = match payee {
+        Some(wallet) => app.wallet_meta(wallet).await?.map(|(owner, _)| owner),
+        None => None,
+    };
+    if !owner.is_some_and(|o| caller.owns(o)) {
+        return Err(ApiError::not_found());
+    }
+    let amount = match &body.amount {
+        Some(text) => Some(positive_money("amount", text, operation.currency.code())?.amount),
+        None => None,
+    };
+    text("reason", &body.reason, true)?;
+    refund_answer(&app, PaymentCommand::RefundPayment { key, operation, amount, reason: body.reason }).await
+}
+
+#[utoipa::path(get, path = "/v1/refunds/{id}", tag = "payments", summary = "A refund", params(("id" = String, Path, description = "refund id")), responses((status = 200, description = "success, as JSON"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
+async fn get_refund(AxumState(app): App, headers: HeaderMap, Path(id): Path<String>) -> ApiResult {
+    let caller = caller(&app, &headers)?;
+    let refund = parse_id("refund", &id, RefundId::parse)?;
+    let found = app
+        .read(move |state| {
+            let r = state.payments.refunds.get(usize::try_from(refund.0).ok()?.checked_sub(1)?)?.clone();
+            let merchant = r.merchant_wallet.and_then(|w| state.wallet(w)).map(|w| w.organization);
+            Some((r, merchant))
+        })
+        .await?;
+    match found {
+        Some((r, merchant)) if caller.owns(r.organization) || merchant.is_some_and(|m| caller.owns(m)) => {
+            Ok(ok(refund_view(&r)))
+        }
+        _ => Err(ApiError::not_found()),
+    }
+}
+
+/// Asks the provider to refund a pending top-up refund (idempotent by the refund's id).
+pub(crate) async fn drive_refund(app: &Arc<AppState>, id: RefundId) {
+    let Some(payments) = app.payments.clone() else { return };
+    let key = id.to_string();
+    let Some(_driving) = payments.begin(&key) else { return };
+    let found = app
+        .read(move |state| {
+            let refund = state.payments.refunds.get(usize::try_from(id.0).ok()?.checked_sub(1)?)?.clone();
+            let RefundOf::TopUp(top_up) = refund.of else { return None };
+            let reference = state.payments.top_up(top_up)?.provider_reference.as_deref()?.to_string();
+            Some((refund, reference))
+        })
+        .await;
+    let Ok(Some((refund, reference))) = found else { return };
+    if refund.status != PaymentStatus::Pending {
+        payments.forget(&key);
+        return;
+    }
+    let outcome = match payments.provider.refund(&reference, minor_units(refund.total, refund.currency), &key).await {
+        Ok(_) => ProviderOutcome::Succeeded { reference },
+        Err(ProviderError::Invalid { code, message }) => ProviderOutcome::Failed { code, message },
+        Err(error) => {
+            tracing::warn!(refund = %key, %error, "refund left pending; will retry");
+            return;
+        }
+    };
+    match app.execute(Command::Payment(PaymentCommand::SettleRefund { refund: id, outcome })).await {
+        Ok(_) => payments.forget(&key),
+        Err(error) => tracing::warn!(refund = %key, code = error.code, "settling a refund failed; will retry"),
+    }
+}
+
 // ---- talking to the provider ----
 
 /// What a provider's state means for a pending record, once captured if authorized.
@@ -1046,14 +1212,15 @@ pub fn spawn_worker(app: Arc<AppState>) -> Option<tokio::task::JoinHandle<()>> {
         loop {
             interval.tick().await;
             let now = app.now();
-            let Ok((due, top_ups, checkouts)) = app
+            let Ok((due, top_ups, checkouts, refunds)) = app
                 .read(move |state| {
                     let p = &state.payments;
                     let due: Vec<WalletId> =
                         p.auto_due.iter().take_while(|(at, _)| *at <= now).map(|(_, w)| *w).collect();
                     let top_ups: Vec<TopUpId> = p.pending_top_ups.iter().copied().take(LISTED_MAX).collect();
                     let checkouts: Vec<CheckoutId> = p.pending_checkouts.iter().copied().take(LISTED_MAX).collect();
-                    (due, top_ups, checkouts)
+                    let refunds: Vec<RefundId> = p.pending_refunds.iter().copied().take(LISTED_MAX).collect();
+                    (due, top_ups, checkouts, refunds)
                 })
                 .await
             else {
@@ -1078,6 +1245,11 @@ pub fn spawn_worker(app: Arc<AppState>) -> Option<tokio::task::JoinHandle<()>> {
                     spawn_drive(&app, &payments, Pending::Checkout(id));
                 }
             }
+            for id in refunds {
+                if payments.due(&id.to_string()) {
+                    spawn_drive(&app, &payments, Pending::Refund(id));
+                }
+            }
         }
     }))
 }
@@ -1085,6 +1257,7 @@ pub fn spawn_worker(app: Arc<AppState>) -> Option<tokio::task::JoinHandle<()>> {
 enum Pending {
     TopUp(TopUpId),
     Checkout(CheckoutId),
+    Refund(RefundId),
 }
 
 fn spawn_drive(app: &Arc<AppState>, payments: &Arc<Payments>, pending: Pending) {
@@ -1095,6 +1268,7 @@ fn spawn_drive(app: &Arc<AppState>, payments: &Arc<Payments>, pending: Pending) 
         match pending {
             Pending::TopUp(id) => drive_top_up(&app, id).await,
             Pending::Checkout(id) => drive_checkout(&app, id).await,
+            Pending::Refund(id) => drive_refund(&app, id).await,
         }
         payments.drives.add_permits(1);
     });
