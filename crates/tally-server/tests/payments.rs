@@ -344,3 +344,51 @@ async fn checkout_pays_from_the_wallet_first_and_the_card_for_the_rest() {
     assert_eq!(status, StatusCode::NOT_FOUND);
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refunds_of_a_top_up_and_of_a_checkout() {
+    let server = Server::start().await;
+    sales_tax(&server).await;
+    let (consumer, wallet, key) = organization(&server, "Consumer", false).await;
+    let (merchant, merchant_wallet, merchant_key) = organization(&server, "Merchant", true).await;
+    let visa = add_method(&server, &consumer, &key, "pm_card_visa").await;
+    let (_, top_up) = request_top_up(&server, &wallet, &key, "t1", "20.00", &visa).await;
+    let id = top_up["id"].as_str().unwrap();
+    // The consumer's own key cannot refund; the platform can.
+    let (status, _) = server.post(&format!("/v1/top-ups/{id}/refunds"), &key, Some("r1"), json!({})).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, refund) =
+        server.post(&format!("/v1/top-ups/{id}/refunds"), &server.admin, Some("r1"), json!({"amount": "10.00"})).await;
+    assert_eq!(status, StatusCode::CREATED, "{refund}");
+    assert_eq!((refund["status"].as_str(), refund["total"].as_str()), (Some("succeeded"), Some("10.88")), "{refund}");
+    assert_eq!(server.wallet(&wallet).await["balance"], "10.00");
+    let record = server.sandbox.records().into_iter().next().unwrap();
+    assert_eq!(record.payment.refunded_minor, 1088);
+    // Beyond what is left: refused, nothing moves.
+    let (status, body) =
+        server.post(&format!("/v1/top-ups/{id}/refunds"), &server.admin, Some("r2"), json!({"amount": "10.01"})).await;
+    assert_eq!((status, body["code"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("refund_exceeds_payment")));
+
+    // A checkout paid from the wallet, refunded by the merchant.
+    let body = json!({"consumer": consumer, "merchant": merchant, "amount": "4.00", "currency": "USD"});
+    let (status, paid) = server.post("/v1/checkouts", &key, Some("c1"), body).await;
+    assert_eq!((status, paid["status"].as_str()), (StatusCode::CREATED, Some("succeeded")), "{paid}");
+    let operation = paid["operation"].as_str().unwrap();
+    let path = format!("/v1/operations/{operation}/refunds");
+    let (status, _) = server.post(&path, &key, Some("cr1"), json!({})).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "the consumer cannot refund itself");
+    let (status, refund) = server.post(&path, &merchant_key, Some("cr1"), json!({"reason": "goodwill"})).await;
+    assert_eq!(status, StatusCode::CREATED, "{refund}");
+    assert_eq!((refund["amount"].as_str(), refund["status"].as_str()), (Some("4.00"), Some("succeeded")));
+    assert_eq!(server.wallet(&wallet).await["balance"], "10.00");
+    assert_eq!(server.wallet(&merchant_wallet).await["balance"], "0.00");
+    let refund_id = refund["id"].as_str().unwrap();
+    assert_eq!(server.get(&format!("/v1/refunds/{refund_id}"), &key).await.0, StatusCode::OK);
+    // It shows in both parties' movements.
+    // (The consumer's also holds the top-up refund.)
+    for (w, k, count) in [(&wallet, &key, 2), (&merchant_wallet, &merchant_key, 1)] {
+        let (_, movements) = server.get(&format!("/v1/wallets/{w}/movements?kind=refund"), k).await;
+        assert_eq!(movements["data"].as_array().map(Vec::len), Some(count), "{movements}");
+    }
+    server.stop().await;
+}

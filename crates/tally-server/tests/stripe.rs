@@ -1,0 +1,526 @@
+//! The Stripe adapter against a local fake of Stripe's API: payment methods, authorize,
+//! capture, cancel, refund and lookup; a declined card; retries under one idempotency key
+//! through an outage and a lost answer; giving up; and webhook signatures.
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tally_ledger::payments::{MethodDetails, MethodType};
+use tally_server::payments::provider::PaymentProvider;
+use tally_server::payments::provider::*;
+use tally_server::payments::stripe::{
+    sign_webhook, verify_webhook_signature, SignatureError, Stripe, WEBHOOK_TOLERANCE_S,
+};
+
+const SECRET_KEY: &str = "sk_test_fake";
+const BEARER: &str = "Bearer sk_test_fake";
+
+type Fields = HashMap<String, String>;
+
+/// One request the fake received.
+#[derive(Clone, Debug)]
+struct Seen {
+    method: String,
+    path: String,
+    idempotency_key: Option<String>,
+    form: Fields,
+}
+
+#[derive(Default)]
+struct Books {
+    intents: HashMap<String, Value>,
+    /// Refunded minor units per payment intent.
+    refunded: HashMap<String, i64>,
+    /// Idempotency-Key → the answer first given under it (status, body).
+    answers: HashMap<String, (u16, Value)>,
+    seen: Vec<Seen>,
+    count: u32,
+}
+
+/// A fake of the part of Stripe's API the adapter uses.
+#[derive(Clone, Default)]
+struct FakeStripe {
+    books: Arc<Mutex<Books>>,
+    /// Requests still to answer with 500 before doing anything (an outage).
+    fail_next: Arc<AtomicU32>,
+    /// Requests still to carry out and then answer with 500 (the answer lost on its way).
+    lose_next: Arc<AtomicU32>,
+}
+
+impl FakeStripe {
+    /// Starts the fake on a free local port; returns it and its base URL.
+    async fn start() -> (FakeStripe, String) {
+        let fake = FakeStripe::default();
+        let app = axum::Router::new().fallback(handle).with_state(fake.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        (fake, base)
+    }
+
+    fn seen(&self) -> Vec<Seen> {
+        self.books.lock().unwrap().seen.clone()
+    }
+
+    fn posts_to(&self, path: &str) -> Vec<Seen> {
+        self.seen().into_iter().filter(|s| s.method == "POST" && s.path == path).collect()
+    }
+
+    fn intent_count(&self) -> usize {
+        self.books.lock().unwrap().intents.len()
+    }
+
+    fn answer(&self, method: &Method, uri: &Uri, headers: &HeaderMap, body: &[u8]) -> Response {
+        let path = uri.path().to_string();
+        let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
+        let key = header("idempotency-key");
+        let form = pairs(&String::from_utf8_lossy(body));
+        let query = pairs(uri.query().unwrap_or_default());
+        let mut books = self.books.lock().unwrap();
+        books.seen.push(Seen { method: method.to_string(), path: path.clone(), idempotency_key: key.clone(), form: form.clone() });
+        if take_one(&self.fail_next) {
+            return reply(500, error_body("api_error", "", "simulated outage"));
+        }
+        if header("authorization").as_deref() != Some(BEARER) {
+            return reply(401, error_body("invalid_request_error", "", "Invalid API Key provided: sk_test_****"));
+        }
+        if *method == Method::POST
+            && header("content-type").as_deref() != Some("application/x-www-form-urlencoded")
+        {
+            return reply(400, error_body("invalid_request_error", "", "Stripe takes form-encoded bodies"));
+        }
+        let replayed = match (method, &key) {
+            (&Method::POST, Some(key)) => books.answers.get(key).cloned(),
+            _ => None,
+        };
+        let (status, answer) = match replayed {
+            Some(answer) => answer,
+            None => {
+                let answer = route(&mut books, method, &path, &form, &query);
+                if let (&Method::POST, Some(key)) = (method, key) {
+                    books.answers.insert(key, answer.clone());
+                }
+                answer
+            }
+        };
+        drop(books);
+        if take_one(&self.lose_next) {
+            return reply(500, error_body("api_error", "", "the answer was lost"));
+        }
+        reply(status, answer)
+    }
+}
+
+async fn handle(State(fake): State<FakeStripe>, method: Method, uri: Uri, headers: HeaderMap, body: Bytes) -> Response {
+    fake.answer(&method, &uri, &headers, &body)
+}
+
+/// Takes one from a counter if it is above zero.
+fn take_one(counter: &AtomicU32) -> bool {
+    counter.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok()
+}
+
+/// Decodes `a=1&b%5B%5D=2` (a query string or a form body).
+fn pairs(text: &str) -> Fields {
+    reqwest::Url::parse(&format!("http://fake/?{text}"))
+        .map(|url| url.query_pairs().into_owned().collect())
+        .unwrap_or_default()
+}
+
+fn reply(status: u16, body: Value) -> Response {
+    (StatusCode::from_u16(status).unwrap(), Json(body)).into_response()
+}
+
+fn error_body(kind: &str, code: &str, message: &str) -> Value {
+    json!({"error": {"type": kind, "code": code, "message": message}})
+}
+
+fn missing(id: &str) -> (u16, Value) {
+    (404, error_body("invalid_request_error", "resource_missing", &format!("No such object: '{id}'")))
+}
+
+fn bad(code: &str, message: &str) -> (u16, Value) {
+    (400, error_body("invalid_request_error", code, message))
+}
+
+fn route(books: &mut Books, method: &Method, path: &str, form: &Fields, query: &Fields) -> (u16, Value) {
+    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let expand = query.get("expand[]").map(String::as_str);
+    match (method.as_str(), segments.as_slice()) {
+        ("POST", ["v1", "payment_intents"]) => create(books, form),
+        ("GET", ["v1", "payment_intents", "search"]) => search(books, query),
+        ("GET", ["v1", "payment_intents", id]) => match books.intents.get(*id) {
+            Some(intent) => (200, view(books, intent, expand == Some("latest_charge"))),
+            None => missing(id),
+        },
+        ("POST", ["v1", "payment_intents", id, "capture"]) => capture(books, id, form),
+        ("POST", ["v1", "payment_intents", id, "cancel"]) => cancel(books, id),
+        ("POST", ["v1", "refunds"]) => refund(books, form),
+        ("GET", ["v1", "payment_methods", id]) => match payment_method(id) {
+            Some(method) => (200, method),
+            None => missing(id),
+        },
+        _ => (404, error_body("invalid_request_error", "", &format!("Unrecognized request URL ({method} {path})"))),
+    }
+}
+
+fn payment_method(token: &str) -> Option<Value> {
+    let card = |brand: &str, last4: &str| {
+        json!({
+            "id": token, "object": "payment_method", "type": "card",
+            "card": {"brand": brand, "last4": last4, "exp_month": 12, "exp_year": 2034, "funding": "credit"},
+        })
+    };
+    match token {
+        "pm_card_visa" => Some(card("visa", "4242")),
+        "pm_card_declined" => Some(card("visa", "0002")),
+        "pm_us_bank_account" => Some(json!({
+            "id": token, "object": "payment_method", "type": "us_bank_account",
+            "us_bank_account": {"bank_name": "STRIPE TEST BANK", "last4": "6789", "account_type": "checking"},
+        })),
+        _ => None,
+    }
+}
+
+/// An intent as answered; `expand`: with its latest charge as an object.
+fn view(books: &Books, intent: &Value, expand: bool) -> Value {
+    let mut intent = intent.clone();
+    if expand {
+        let id = intent["id"].as_str().unwrap_or_default().to_string();
+        let refunded = books.refunded.get(&id).copied().unwrap_or(0);
+        let charge = intent["latest_charge"].clone();
+        intent["latest_charge"] = json!({"id": charge, "object": "charge", "amount_refunded": refunded});
+    }
+    intent
+}
+
+fn create(books: &mut Books, form: &Fields) -> (u16, Value) {
+    let field = |name: &str| form.get(name).cloned().unwrap_or_default();
+    let Some(amount) = form.get("amount").and_then(|a| a.parse::<i64>().ok()).filter(|a| *a > 0) else {
+        return bad("parameter_invalid_integer", "amount");
+    };
+    let currency = field("currency");
+    if currency.len() != 3 || currency != currency.to_lowercase() {
+        return bad("parameter_invalid", "currency");
+    }
+    for (name, wanted) in [("confirm", "true"), ("capture_method", "manual")] {
+        if field(name) != wanted {
+            return bad("parameter_invalid", name);
+        }
+    }
+    let tally_id = field("metadata[tally_id]");
+    if tally_id.is_empty() {
+        return bad("parameter_missing", "metadata[tally_id]");
+    }
+    let token = field("payment_method");
+    let Some(method) = payment_method(&token) else {
+        return bad("resource_missing", &format!("No such PaymentMethod: '{token}'"));
+    };
+    books.count += 1;
+    let id = format!("pi_fake{}", books.count);
+    let mut intent = json!({
+        "id": id, "object": "payment_intent", "amount": amount, "amount_received": 0, "currency": currency,
+        "capture_method": "manual", "status": "requires_capture", "description": field("description"),
+        "payment_method": token, "metadata": {"tally_id": tally_id}, "last_payment_error": null,
+        "latest_charge": format!("ch_fake{}", books.count),
+    });
+    let answer = if token == "pm_card_declined" {
+        let mut error = json!({
+            "type": "card_error", "code": "card_declined", "decline_code": "generic_decline",
+            "message": "Your card was declined.", "payment_method": method,
+        });
+        intent["status"] = json!("requires_payment_method");
+        intent["last_payment_error"] = error.clone();
+        error["payment_intent"] = intent.clone();
+        (402, json!({ "error": error }))
+    } else {
+        (200, intent.clone())
+    };
+    books.intents.insert(id, intent);
+    answer
+}
+
+fn search(books: &Books, query: &Fields) -> (u16, Value) {
+    let text = query.get("query").map(String::as_str).unwrap_or_default();
+    let Some(key) = text.strip_prefix("metadata['tally_id']:'").and_then(|rest| rest.strip_suffix('\'')) else {
+        return bad("parameter_invalid", &format!("unsupported search query {text:?}"));
+    };
+    let expand = query.get("expand[]").map(String::as_str) == Some("data.latest_charge");
+    let mut data: Vec<Value> =
+        books.intents.values().filter(|i| i["metadata"]["tally_id"] == key).map(|i| view(books, i, expand)).collect();
+    data.sort_by_key(|i| i["id"].as_str().unwrap_or_default().to_string());
+    (200, json!({"object": "search_result", "data": data, "has_more": false}))
+}
+
+fn capture(books: &mut Books, id: &str, form: &Fields) -> (u16, Value) {
+    let Some(intent) = books.intents.get_mut(id) else { return missing(id) };
+    let amount = intent["amount"].as_i64().unwrap_or(0);
+    let to_capture = match form.get("amount_to_capture").map(|a| a.parse::<i64>()) {
+        None => amount,
+        Some(Ok(a)) if a > 0 && a <= amount => a,
+        Some(_) => return bad("amount_too_large", "amount_to_capture"),
+    };
+    if intent["status"] != "requires_capture" {
+        return bad("payment_intent_unexpected_state", "the payment intent cannot be captured");
+    }
+    intent["status"] = json!("succeeded");
+    intent["amount_received"] = json!(to_capture);
+    (200, intent.clone())
+}
+
+fn cancel(books: &mut Books, id: &str) -> (u16, Value) {
+    let Some(intent) = books.intents.get_mut(id) else { return missing(id) };
+    let cancelable = ["requires_payment_method", "requires_capture", "requires_confirmation", "requires_action", "processing"];
+    if !cancelable.iter().any(|status| intent["status"] == *status) {
+        return bad("payment_intent_unexpected_state", "the payment intent cannot be canceled");
+    }
+    intent["status"] = json!("canceled");
+    (200, intent.clone())
+}
+
+fn refund(books: &mut Books, form: &Fields) -> (u16, Value) {
+    let id = form.get("payment_intent").cloned().unwrap_or_default();
+    let Some(intent) = books.intents.get(&id) else { return missing(&id) };
+    if intent["status"] != "succeeded" {
+        return bad("charge_not_refundable", "only captured payments are refunded");
+    }
+    let received = intent["amount_received"].as_i64().unwrap_or(0);
+    let already = books.refunded.get(&id).copied().unwrap_or(0);
+    let amount = match form.get("amount") {
+        Some(a) => a.parse::<i64>().unwrap_or(0),
+        None => received - already,
+    };
+    if amount <= 0 || already + amount > received {
+        return bad("amount_too_large", "amount");
+    }
+    books.refunded.insert(id.clone(), already + amount);
+    books.count += 1;
+    (200, json!({"id": format!("re_fake{}", books.count), "object": "refund", "amount": amount, "payment_intent": id, "status": "succeeded"}))
+}
+
+fn request(key: &str, token: &str, amount_minor: i64) -> PaymentRequest {
+    PaymentRequest {
+        idempotency_key: key.to_string(),
+        amount_minor,
+        currency: "USD".to_string(),
+        method_token: token.to_string(),
+        description: format!("Tally test {key}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_payment_is_described_authorized_captured_found_and_refunded() {
+    let (fake, base) = FakeStripe::start().await;
+    let stripe = Stripe::new(&base, SECRET_KEY);
+    assert_eq!(stripe.name(), "stripe");
+
+    let card = stripe.describe_method("pm_card_visa").await.unwrap();
+    let visa = MethodDetails {
+        kind: MethodType::Card,
+        brand: "visa".into(),
+        last4: "4242".into(),
+        exp_month: 12,
+        exp_year: 2034,
+    };
+    assert_eq!(card, visa);
+    let bank = stripe.describe_method("pm_us_bank_account").await.unwrap();
+    let account = MethodDetails {
+        kind: MethodType::BankAccount,
+        brand: "STRIPE TEST BANK".into(),
+        last4: "6789".into(),
+        exp_month: 12,
+        exp_year: 2099,
+    };
+    assert_eq!(bank, account);
+    match stripe.describe_method("pm_unknown").await {
+        Err(ProviderError::Invalid { code, .. }) => assert_eq!(code, "invalid_payment_method"),
+        other => panic!("an unknown token: {other:?}"),
+    }
+
+    assert_eq!(stripe.lookup("top_1").await.unwrap(), None);
+    let authorized = stripe.authorize(&request("top_1", "pm_card_visa", 2_000)).await.unwrap();
+    assert_eq!(authorized.state, PaymentState::Authorized);
+    assert_eq!(authorized.idempotency_key, "top_1");
+    assert_eq!(authorized.amount_minor, 2_000);
+    assert_eq!(authorized.refunded_minor, 0);
+    assert!(authorized.reference.starts_with("pi_"), "{}", authorized.reference);
+    let creates = fake.posts_to("/v1/payment_intents");
+    assert_eq!(creates.len(), 1);
+    assert_eq!(creates[0].idempotency_key.as_deref(), Some("top_1"));
+    for (name, value) in [
+        ("amount", "2000"),
+        ("currency", "usd"),
+        ("payment_method", "pm_card_visa"),
+        ("confirm", "true"),
+        ("capture_method", "manual"),
+        ("description", "Tally test top_1"),
+        ("metadata[tally_id]", "top_1"),
+    ] {
+        assert_eq!(creates[0].form.get(name).map(String::as_str), Some(value), "{name}");
+    }
+    // Authorizing again under the same key is the same payment.
+    let again = stripe.authorize(&request("top_1", "pm_card_visa", 2_000)).await.unwrap();
+    assert_eq!(again, authorized);
+    assert_eq!(fake.intent_count(), 1);
+
+    let reference = authorized.reference.clone();
+    let captured = stripe.capture(&reference, 2_000).await.unwrap();
+    assert_eq!(captured.state, PaymentState::Captured);
+    assert_eq!((captured.reference.as_str(), captured.idempotency_key.as_str()), (reference.as_str(), "top_1"));
+    let captures = fake.posts_to(&format!("/v1/payment_intents/{reference}/capture"));
+    assert_eq!(captures.len(), 1);
+    assert_eq!(captures[0].idempotency_key, Some(format!("{reference}-capture-2000")));
+    assert_eq!(captures[0].form.get("amount_to_capture").map(String::as_str), Some("2000"));
+
+    let found = stripe.lookup("top_1").await.unwrap().expect("the payment is found by its key");
+    assert_eq!(found, captured);
+    assert_eq!(stripe.lookup("top_other").await.unwrap(), None);
+
+    let refunded = stripe.refund(&reference, 500, "top_1-refund").await.unwrap();
+    assert_eq!(refunded.state, PaymentState::Captured);
+    assert_eq!(refunded.refunded_minor, 500);
+    // The same refund again (same key) is one refund.
+    let again = stripe.refund(&reference, 500, "top_1-refund").await.unwrap();
+    assert_eq!(again.refunded_minor, 500);
+    let refunds = fake.posts_to("/v1/refunds");
+    assert_eq!(refunds.len(), 2);
+    assert!(refunds.iter().all(|r| r.idempotency_key.as_deref() == Some("top_1-refund")));
+    assert_eq!(refunds[0].form.get("payment_intent"), Some(&reference));
+    assert_eq!(refunds[0].form.get("amount").map(String::as_str), Some("500"));
+    // Beyond what was captured: refused.
+    match stripe.refund(&reference, 5_000, "top_1-refund-2").await {
+        Err(ProviderError::Invalid { code, .. }) => assert_eq!(code, "amount_too_large"),
+        other => panic!("a refund beyond the payment: {other:?}"),
+    }
+
+    // An authorization can be canceled instead, and canceling twice is one cancel.
+    let second = stripe.authorize(&request("top_2", "pm_card_visa", 700)).await.unwrap();
+    let canceled = stripe.cancel(&second.reference).await.unwrap();
+    assert_eq!(canceled.state, PaymentState::Canceled);
+    assert_eq!(canceled.idempotency_key, "top_2");
+    assert_eq!(stripe.cancel(&second.reference).await.unwrap(), canceled);
+    let cancels = fake.posts_to(&format!("/v1/payment_intents/{}/cancel", second.reference));
+    assert_eq!(cancels.len(), 2);
+    assert!(cancels.iter().all(|c| c.idempotency_key == Some(format!("{}-cancel", second.reference))));
+    // Capturing a canceled payment is refused.
+    match stripe.capture(&second.reference, 700).await {
+        Err(ProviderError::Invalid { code, .. }) => assert_eq!(code, "payment_intent_unexpected_state"),
+        other => panic!("capturing a canceled payment: {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_declined_card_is_a_failed_payment_not_an_error() {
+    let (fake, base) = FakeStripe::start().await;
+    let stripe = Stripe::new(&base, SECRET_KEY);
+    let declined = PaymentState::Failed { code: "generic_decline".into(), message: "Your card was declined.".into() };
+
+    let payment = stripe.authorize(&request("co_1", "pm_card_declined", 1_500)).await.unwrap();
+    assert_eq!(payment.state, declined);
+    assert_eq!(payment.idempotency_key, "co_1");
+    assert_eq!(payment.amount_minor, 1_500);
+    assert!(payment.reference.starts_with("pi_"), "{}", payment.reference);
+    assert_eq!(fake.intent_count(), 1);
+
+    // Looked up later, the intent tells the same story.
+    let found = stripe.lookup("co_1").await.unwrap().expect("the declined payment is found");
+    assert_eq!((found.reference, found.state), (payment.reference, declined));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_errors_are_retried_under_the_same_idempotency_key() {
+    let (fake, base) = FakeStripe::start().await;
+    let stripe = Stripe::new(&base, SECRET_KEY);
+
+    fake.fail_next.store(2, Ordering::SeqCst);
+    let payment = stripe.authorize(&request("top_r", "pm_card_visa", 1_000)).await.unwrap();
+    assert_eq!(payment.state, PaymentState::Authorized);
+    let creates = fake.posts_to("/v1/payment_intents");
+    assert_eq!(creates.len(), 3);
+    assert!(creates.iter().all(|c| c.idempotency_key.as_deref() == Some("top_r")), "{creates:?}");
+    assert_eq!(fake.intent_count(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_answer_is_replayed_not_repeated() {
+    let (fake, base) = FakeStripe::start().await;
+    let stripe = Stripe::new(&base, SECRET_KEY);
+
+    // Stripe made the payment, but its answer never arrived.
+    fake.lose_next.store(1, Ordering::SeqCst);
+    let payment = stripe.authorize(&request("top_l", "pm_card_visa", 1_000)).await.unwrap();
+    assert_eq!(payment.state, PaymentState::Authorized);
+    let creates = fake.posts_to("/v1/payment_intents");
+    assert_eq!(creates.len(), 2);
+    assert!(creates.iter().all(|c| c.idempotency_key.as_deref() == Some("top_l")), "{creates:?}");
+    assert_eq!(fake.intent_count(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_that_outlasts_the_retries_is_unavailable() {
+    let (fake, base) = FakeStripe::start().await;
+    let stripe = Stripe::new(&base, SECRET_KEY);
+
+    fake.fail_next.store(10, Ordering::SeqCst);
+    let started = Instant::now();
+    let result = stripe.authorize(&request("top_down", "pm_card_visa", 1_000)).await;
+    assert!(matches!(result, Err(ProviderError::Unavailable(_))), "{result:?}");
+    // Three attempts, 50 ms and then 100 ms apart.
+    assert!(started.elapsed() >= Duration::from_millis(150), "{:?}", started.elapsed());
+    let creates = fake.posts_to("/v1/payment_intents");
+    assert_eq!(creates.len(), 3);
+    assert!(creates.iter().all(|c| c.idempotency_key.as_deref() == Some("top_down")), "{creates:?}");
+    assert_eq!(fake.intent_count(), 0);
+    let result = stripe.lookup("top_down").await;
+    assert!(matches!(result, Err(ProviderError::Unavailable(_))), "{result:?}");
+
+    // Once Stripe is back, the same key makes the payment once.
+    fake.fail_next.store(0, Ordering::SeqCst);
+    let payment = stripe.authorize(&request("top_down", "pm_card_visa", 1_000)).await.unwrap();
+    assert_eq!(payment.state, PaymentState::Authorized);
+    assert_eq!(fake.intent_count(), 1);
+
+    // A refused secret key is a configuration problem, not a failed payment: unavailable,
+    // and not retried.
+    let before = fake.seen().len();
+    let wrong = Stripe::new(&base, "sk_test_wrong");
+    let result = wrong.authorize(&request("top_key", "pm_card_visa", 1_000)).await;
+    assert!(matches!(result, Err(ProviderError::Unavailable(_))), "{result:?}");
+    assert_eq!(fake.seen().len(), before + 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhook_signatures_verify_and_refuse_tampering_wrong_secrets_and_age() {
+    let payload = br#"{"id":"evt_1","object":"event","type":"payment_intent.succeeded"}"#;
+    let secret = "whsec_test_secret";
+    let t = 1_700_000_000;
+    let header = sign_webhook(payload, secret, t);
+    assert!(header.starts_with(&format!("t={t},v1=")), "{header}");
+
+    assert_eq!(verify_webhook_signature(&header, payload, secret, t, WEBHOOK_TOLERANCE_S), Ok(()));
+    assert_eq!(verify_webhook_signature(&header, payload, secret, t + 300, WEBHOOK_TOLERANCE_S), Ok(()));
+    let tampered = br#"{"id":"evt_1","object":"event","type":"payment_intent.canceled"}"#;
+    assert_eq!(
+        verify_webhook_signature(&header, tampered, secret, t, WEBHOOK_TOLERANCE_S),
+        Err(SignatureError::Mismatch)
+    );
+    assert_eq!(
+        verify_webhook_signature(&header, payload, "whsec_other", t, WEBHOOK_TOLERANCE_S),
+        Err(SignatureError::Mismatch)
+    );
+    assert_eq!(
+        verify_webhook_signature(&header, payload, secret, t + 301, WEBHOOK_TOLERANCE_S),
+        Err(SignatureError::Stale)
+    );
+    assert_eq!(
+        verify_webhook_signature("v1=00", payload, secret, t, WEBHOOK_TOLERANCE_S),
+        Err(SignatureError::Malformed)
+    );
+}
