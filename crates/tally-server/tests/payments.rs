@@ -392,3 +392,58 @@ async fn refunds_of_a_top_up_and_of_a_checkout() {
     }
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_checkouts_and_auto_top_ups_never_overdraw_and_never_overlap() {
+    let server = std::sync::Arc::new(Server::start().await);
+    let (consumer, wallet, key) = organization(&server, "Consumer", false).await;
+    let (merchant, merchant_wallet, _) = organization(&server, "Merchant", true).await;
+    let visa = add_method(&server, &consumer, &key, "pm_card_visa").await;
+    // Auto top-ups confirm slowly (300 ms), so debits keep arriving while one is pending.
+    let slow = add_method(&server, &consumer, &key, "pm_card_slow").await;
+    server.credit(&wallet, "30.00", "fund").await;
+    let rule = json!({"threshold": "25.00", "amount": "10.00", "payment_method": slow,
+                      "max_per_day": 100, "max_amount_per_day": "1000.00"});
+    let (status, body) = server.call("PUT", &format!("/v1/wallets/{wallet}/auto-top-up"), &key, None, Some(rule)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let mut tasks = Vec::new();
+    for i in 0..40 {
+        let (server, key, consumer, merchant, visa) =
+            (server.clone(), key.clone(), consumer.clone(), merchant.clone(), visa.clone());
+        tasks.push(tokio::spawn(async move {
+            let body = json!({"consumer": consumer, "merchant": merchant, "amount": "3.00", "currency": "USD",
+                              "payment_method": visa});
+            let (status, body) = server.post("/v1/checkouts", &key, Some(&format!("c{i}")), body).await;
+            assert_eq!(status, StatusCode::CREATED, "{body}");
+            assert_eq!(body["status"], "succeeded", "{body}");
+            tokio::time::sleep(Duration::from_millis(20 * (i % 5))).await;
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    // Let the last auto top-up settle.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(server.wallet(&merchant_wallet).await["balance"], "120.00");
+    // Never negative: every movement's balance after is at least zero.
+    let (_, movements) = server.get(&format!("/v1/wallets/{wallet}/movements?limit=200"), &key).await;
+    for movement in movements["data"].as_array().unwrap() {
+        assert!(!movement["balance_after"].as_str().unwrap().starts_with('-'), "{movement}");
+    }
+    // Never two auto top-ups in flight: each starts after the previous one settled.
+    let (_, top_ups) = server.get(&format!("/v1/wallets/{wallet}/top-ups"), &key).await;
+    let mut auto: Vec<(String, String)> = top_ups["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t["automatic"] == true)
+        .map(|t| (t["created_at"].as_str().unwrap().to_string(), t["settled_at"].as_str().unwrap_or("~").to_string()))
+        .collect();
+    auto.sort();
+    assert!(!auto.is_empty(), "the wallet went below its threshold, so auto top-ups ran");
+    for pair in auto.windows(2) {
+        assert!(pair[1].0 >= pair[0].1, "overlapping auto top-ups: {pair:?}");
+    }
+    let server = std::sync::Arc::into_inner(server).expect("tasks are done");
+    server.stop().await;
+}

@@ -84,16 +84,19 @@ impl FakeStripe {
         let form = pairs(&String::from_utf8_lossy(body));
         let query = pairs(uri.query().unwrap_or_default());
         let mut books = self.books.lock().unwrap();
-        books.seen.push(Seen { method: method.to_string(), path: path.clone(), idempotency_key: key.clone(), form: form.clone() });
+        books.seen.push(Seen {
+            method: method.to_string(),
+            path: path.clone(),
+            idempotency_key: key.clone(),
+            form: form.clone(),
+        });
         if take_one(&self.fail_next) {
             return reply(500, error_body("api_error", "", "simulated outage"));
         }
         if header("authorization").as_deref() != Some(BEARER) {
             return reply(401, error_body("invalid_request_error", "", "Invalid API Key provided: sk_test_****"));
         }
-        if *method == Method::POST
-            && header("content-type").as_deref() != Some("application/x-www-form-urlencoded")
-        {
+        if *method == Method::POST && header("content-type").as_deref() != Some("application/x-www-form-urlencoded") {
             return reply(400, error_body("invalid_request_error", "", "Stripe takes form-encoded bodies"));
         }
         let replayed = match (method, &key) {
@@ -277,7 +280,8 @@ fn capture(books: &mut Books, id: &str, form: &Fields) -> (u16, Value) {
 
 fn cancel(books: &mut Books, id: &str) -> (u16, Value) {
     let Some(intent) = books.intents.get_mut(id) else { return missing(id) };
-    let cancelable = ["requires_payment_method", "requires_capture", "requires_confirmation", "requires_action", "processing"];
+    let cancelable =
+        ["requires_payment_method", "requires_capture", "requires_confirmation", "requires_action", "processing"];
     if !cancelable.iter().any(|status| intent["status"] == *status) {
         return bad("payment_intent_unexpected_state", "the payment intent cannot be canceled");
     }
@@ -302,7 +306,10 @@ fn refund(books: &mut Books, form: &Fields) -> (u16, Value) {
     }
     books.refunded.insert(id.clone(), already + amount);
     books.count += 1;
-    (200, json!({"id": format!("re_fake{}", books.count), "object": "refund", "amount": amount, "payment_intent": id, "status": "succeeded"}))
+    (
+        200,
+        json!({"id": format!("re_fake{}", books.count), "object": "refund", "amount": amount, "payment_intent": id, "status": "succeeded"}),
+    )
 }
 
 fn request(key: &str, token: &str, amount_minor: i64) -> PaymentRequest {
