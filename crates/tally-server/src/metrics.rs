@@ -33,6 +33,14 @@ pub struct OutcomeLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PaymentLabels {
+    /// top_up, checkout or refund.
+    pub kind: String,
+    /// succeeded, failed or pending (the provider has not answered finally yet).
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct KindLabels {
     kind: String,
 }
@@ -52,6 +60,8 @@ pub struct Metrics {
     latency: Family<RouteLabels, Histogram, fn() -> Histogram>,
     /// Webhook delivery attempts by outcome (delivered, retry, failed).
     pub webhook_deliveries: Family<OutcomeLabels, Counter>,
+    /// Provider conversations about payments by kind and outcome.
+    pub payments: Family<PaymentLabels, Counter>,
 }
 
 impl Metrics {
@@ -60,6 +70,12 @@ impl Metrics {
         let requests = Family::<RequestLabels, Counter>::default();
         let latency = Family::<RouteLabels, Histogram, fn() -> Histogram>::new_with_constructor(latency_histogram);
         let webhook_deliveries = Family::<OutcomeLabels, Counter>::default();
+        let payments = Family::<PaymentLabels, Counter>::default();
+        registry.register(
+            "tally_payments",
+            "Payments settled or left pending after asking the provider, by kind and outcome",
+            payments.clone(),
+        );
         registry.register("tally_http_requests", "HTTP requests by route and status", requests.clone());
         registry.register("tally_http_request_seconds", "HTTP request latency by route", latency.clone());
         registry.register(
@@ -74,7 +90,11 @@ impl Metrics {
             handle.stats().commit_seconds.clone(),
         );
         registry.register_collector(Box::new(EngineCollector { handle: handle.clone() }));
-        Metrics { registry: Mutex::new(registry), requests, latency, webhook_deliveries }
+        Metrics { registry: Mutex::new(registry), requests, latency, webhook_deliveries, payments }
+    }
+
+    pub fn count_payment(&self, kind: &str, outcome: &str) {
+        self.payments.get_or_create(&PaymentLabels { kind: kind.into(), outcome: outcome.into() }).inc();
     }
 
     /// Adds the webhook backlog gauge.

@@ -141,6 +141,8 @@ async fn taxed_top_up_credits_the_amount_once_and_has_a_receipt() {
     let kinds: Vec<&str> = events["data"].as_array().unwrap().iter().map(|e| e["type"].as_str().unwrap()).collect();
     assert_eq!(kinds.iter().filter(|k| k.starts_with("top_up.")).count(), 2, "{kinds:?}");
     assert!(kinds.contains(&"top_up.created") && kinds.contains(&"top_up.succeeded"), "{kinds:?}");
+    let metrics = server.client.get(format!("{}/metrics", server.base)).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.contains(r#"tally_payments_total{kind="top_up",outcome="succeeded"} 1"#), "{metrics}");
     server.stop().await;
 }
 

@@ -11,6 +11,7 @@
 
 pub mod provider;
 pub mod sandbox;
+pub mod stripe;
 
 use super::*;
 use axum::body::Bytes;
@@ -1062,6 +1063,7 @@ pub(crate) async fn drive_refund(app: &Arc<AppState>, id: RefundId) {
             return;
         }
     };
+    app.metrics.count_payment("refund", outcome_text(&outcome));
     match app.execute(Command::Payment(PaymentCommand::SettleRefund { refund: id, outcome })).await {
         Ok(_) => payments.forget(&key),
         Err(error) => tracing::warn!(refund = %key, code = error.code, "settling a refund failed; will retry"),
@@ -1111,6 +1113,13 @@ async fn provider_step(payments: &Payments, request: &PaymentRequest) -> Result<
     })
 }
 
+fn outcome_text(outcome: &ProviderOutcome) -> &'static str {
+    match outcome {
+        ProviderOutcome::Succeeded { .. } => "succeeded",
+        ProviderOutcome::Failed { .. } => "failed",
+    }
+}
+
 fn minor_units(units: i128, currency: Currency) -> i64 {
     (units / currency.units_per_minor()) as i64
 }
@@ -1142,14 +1151,18 @@ pub(crate) async fn drive_top_up(app: &Arc<AppState>, id: TopUpId) {
     };
     match provider_step(&payments, &request).await {
         Ok(Step::Settle(outcome)) => {
+            app.metrics.count_payment("top_up", outcome_text(&outcome));
             let command = Command::Payment(PaymentCommand::SettleTopUp { top_up: id, outcome });
             match app.execute(command).await {
                 Ok(_) => payments.forget(&key),
                 Err(error) => tracing::warn!(top_up = %key, code = error.code, "settling a top-up failed; will retry"),
             }
         }
-        Ok(Step::Wait) => {}
-        Err(error) => tracing::warn!(top_up = %key, %error, "top-up left pending; will retry"),
+        Ok(Step::Wait) => app.metrics.count_payment("top_up", "pending"),
+        Err(error) => {
+            app.metrics.count_payment("top_up", "pending");
+            tracing::warn!(top_up = %key, %error, "top-up left pending; will retry")
+        }
     }
 }
 
@@ -1177,9 +1190,16 @@ pub(crate) async fn drive_checkout(app: &Arc<AppState>, id: CheckoutId) {
         description: format!("Tally checkout {key}"),
     };
     let outcome = match provider_step(&payments, &request).await {
-        Ok(Step::Settle(outcome)) => outcome,
-        Ok(Step::Wait) => return,
+        Ok(Step::Settle(outcome)) => {
+            app.metrics.count_payment("checkout", outcome_text(&outcome));
+            outcome
+        }
+        Ok(Step::Wait) => {
+            app.metrics.count_payment("checkout", "pending");
+            return;
+        }
         Err(error) => {
+            app.metrics.count_payment("checkout", "pending");
             tracing::warn!(checkout = %key, %error, "checkout left pending; will retry");
             return;
         }

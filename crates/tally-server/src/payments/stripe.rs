@@ -59,7 +59,10 @@ pub struct Stripe {
 impl std::fmt::Debug for Stripe {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Never the secret key.
-        f.debug_struct("Stripe").field("base_url", &self.base_url).field("retries", &self.retries).finish_non_exhaustive()
+        f.debug_struct("Stripe")
+            .field("base_url", &self.base_url)
+            .field("retries", &self.retries)
+            .finish_non_exhaustive()
     }
 }
 
@@ -163,14 +166,14 @@ impl Stripe {
             Err(error) => return Attempt::Retry(format!("no answer: {error}")),
         };
         let status = response.status();
-        let should_retry = response.headers().get("stripe-should-retry").and_then(|v| v.to_str().ok()).map(|v| v == "true");
+        let should_retry =
+            response.headers().get("stripe-should-retry").and_then(|v| v.to_str().ok()).map(|v| v == "true");
         let text = match response.text().await {
             Ok(text) => text,
             Err(error) => return Attempt::Retry(format!("HTTP {status}, the answer was cut off: {error}")),
         };
-        let transient = status == StatusCode::CONFLICT
-            || status == StatusCode::TOO_MANY_REQUESTS
-            || status.is_server_error();
+        let transient =
+            status == StatusCode::CONFLICT || status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error();
         if transient || status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
             let why = format!("HTTP {status}: {}", excerpt(&text));
             return if transient && should_retry != Some(false) {
@@ -198,7 +201,8 @@ impl Stripe {
 
 /// Stripe's error message in an answer, or the start of the answer.
 fn excerpt(text: &str) -> String {
-    let message = serde_json::from_str::<Value>(text).ok().and_then(|v| nonempty(&v["error"]["message"]).map(str::to_string));
+    let message =
+        serde_json::from_str::<Value>(text).ok().and_then(|v| nonempty(&v["error"]["message"]).map(str::to_string));
     message.unwrap_or_else(|| text.chars().take(EXCERPT_CHARS).collect())
 }
 
@@ -226,7 +230,10 @@ fn refusal(answer: &Answer) -> ProviderError {
 /// intent's `last_payment_error`).
 fn failure(error: &Value) -> PaymentState {
     PaymentState::Failed {
-        code: nonempty(&error["decline_code"]).or_else(|| nonempty(&error["code"])).unwrap_or("payment_failed").to_string(),
+        code: nonempty(&error["decline_code"])
+            .or_else(|| nonempty(&error["code"]))
+            .unwrap_or("payment_failed")
+            .to_string(),
         message: nonempty(&error["message"]).unwrap_or("the payment was refused").to_string(),
     }
 }
@@ -425,8 +432,12 @@ fn webhook_mac(secret: &str, t: &str, payload: &[u8]) -> Hmac<Sha256> {
 /// A `Stripe-Signature` header for `payload` signed at unix time `t`, as Stripe sends it
 /// (for tests, and for replaying events locally).
 pub fn sign_webhook(payload: &[u8], secret: &str, t: i64) -> String {
-    let signature: String =
-        webhook_mac(secret, &t.to_string(), payload).finalize().into_bytes().iter().map(|b| format!("{b:02x}")).collect();
+    let signature: String = webhook_mac(secret, &t.to_string(), payload)
+        .finalize()
+        .into_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
     format!("t={t},v1={signature}")
 }
 
@@ -540,7 +551,10 @@ mod tests {
     #[test]
     fn payment_intents_map_to_states() {
         let intent = |status: &str| {
-            json!({"id": "pi_1", "amount": 2000, "status": status, "metadata": {"tally_id": "top_1"}, "latest_charge": "ch_1"})
+            json!({
+                "id": "pi_1", "amount": 2000, "status": status,
+                "metadata": {"tally_id": "top_1"}, "latest_charge": "ch_1",
+            })
         };
         for (status, state) in [
             ("requires_capture", PaymentState::Authorized),
@@ -561,8 +575,10 @@ mod tests {
             assert_eq!(mapped, Ok(expected), "{status}");
         }
         let mut failed = intent("requires_payment_method");
-        failed["last_payment_error"] =
-            json!({"code": "card_declined", "decline_code": "insufficient_funds", "message": "Your card has insufficient funds."});
+        failed["last_payment_error"] = json!({
+            "code": "card_declined", "decline_code": "insufficient_funds",
+            "message": "Your card has insufficient funds.",
+        });
         failed["metadata"] = json!({});
         failed["latest_charge"] = json!({"id": "ch_1", "amount_refunded": 0});
         let failed = payment(&failed, "fallback").map_err(|e| e.to_string());
