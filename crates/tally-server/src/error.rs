@@ -73,6 +73,7 @@ pub fn status_of(code: &str) -> StatusCode {
         | "invalid_payment_method"
         | "invalid_tax_profile"
         | "card_number_not_accepted"
+        | "invalid_signature"
         | "amount_not_in_minor_units"
         | "amount_below_minimum"
         | "amount_above_maximum"

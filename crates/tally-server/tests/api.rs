@@ -392,6 +392,7 @@ const ENDPOINTS: &[(&str, &str)] = &[
     ("post", "/v1/top-ups/{id}/refunds"),
     ("post", "/v1/operations/{id}/refunds"),
     ("get", "/v1/refunds/{id}"),
+    ("post", "/v1/provider-webhooks/stripe"),
 ];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

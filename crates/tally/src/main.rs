@@ -166,6 +166,18 @@ struct ServeArgs {
     /// milliseconds.
     #[arg(long, env = "TALLY_SANDBOX_SLOW_MS", default_value_t = 3_000)]
     sandbox_slow_ms: u64,
+    /// The payment provider: `sandbox` (built in, test tokens) or `stripe`.
+    #[arg(long, env = "TALLY_PAYMENT_PROVIDER", default_value = "sandbox")]
+    payment_provider: String,
+    /// Stripe's secret API key (with --payment-provider stripe).
+    #[arg(long, env = "TALLY_STRIPE_SECRET_KEY", hide_env_values = true)]
+    stripe_secret_key: Option<String>,
+    /// Stripe's API base URL (a test double's, in tests).
+    #[arg(long, env = "TALLY_STRIPE_API_BASE", default_value = tally_server::payments::stripe::API_BASE)]
+    stripe_api_base: String,
+    /// The secret that signs Stripe's webhooks to /v1/provider-webhooks/stripe.
+    #[arg(long, env = "TALLY_STRIPE_WEBHOOK_SECRET", hide_env_values = true)]
+    stripe_webhook_secret: Option<String>,
     /// Fault injection for crash tests: `abort_after_capture` kills the process right
     /// after the provider captured a payment, before the ledger credits it.
     #[arg(long, env = "TALLY_FAULT", hide = true)]
@@ -251,22 +263,31 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             ..tally_server::webhooks::WebhookConfig::default()
         },
     );
+    let provider: Arc<dyn tally_server::payments::provider::PaymentProvider> = match args.payment_provider.as_str() {
+        "sandbox" => Arc::new(
+            tally_server::payments::sandbox::Sandbox::open(
+                &path.with_file_name("tally.sandbox.db"),
+                std::time::Duration::from_millis(args.sandbox_slow_ms),
+            )
+            .context("opening the sandbox payment provider's records")?,
+        ),
+        "stripe" => {
+            let Some(key) = args.stripe_secret_key.clone() else {
+                bail!("--payment-provider stripe needs --stripe-secret-key (or TALLY_STRIPE_SECRET_KEY)");
+            };
+            Arc::new(tally_server::payments::stripe::Stripe::new(args.stripe_api_base.clone(), key))
+        }
+        other => bail!("unknown payment provider {other:?}: use sandbox or stripe"),
+    };
+    let payments_config = tally_server::payments::PaymentsConfig {
+        abort_after_capture: args.fault.as_deref() == Some("abort_after_capture"),
+        webhook_secret: args.stripe_webhook_secret.clone(),
+        ..tally_server::payments::PaymentsConfig::default()
+    };
     let state = Arc::new(
         tally_server::AppState::new(engine.handle(), projector, HistoryReader::open(&path)?, keys, clock)
             .with_webhooks(webhooks)
-            .with_payments(
-                Arc::new(
-                    tally_server::payments::sandbox::Sandbox::open(
-                        &path.with_file_name("tally.sandbox.db"),
-                        std::time::Duration::from_millis(args.sandbox_slow_ms),
-                    )
-                    .context("opening the sandbox payment provider's records")?,
-                ),
-                tally_server::payments::PaymentsConfig {
-                    abort_after_capture: args.fault.as_deref() == Some("abort_after_capture"),
-                    ..tally_server::payments::PaymentsConfig::default()
-                },
-            ),
+            .with_payments(provider, payments_config),
     );
     let state = match args.nats_url {
         Some(url) => {

@@ -35,6 +35,9 @@ pub struct PaymentsConfig {
     /// Fault injection for the crash test: abort the process right after the provider
     /// captured a payment, before the ledger hears of it.
     pub abort_after_capture: bool,
+    /// The secret that signs the provider's webhooks (Stripe's `whsec_...`); without
+    /// it, provider webhooks are refused and pending payments are polled.
+    pub webhook_secret: Option<String>,
 }
 
 impl Default for PaymentsConfig {
@@ -43,6 +46,7 @@ impl Default for PaymentsConfig {
             poll: Duration::from_millis(250),
             retry_after: Duration::from_secs(2),
             abort_after_capture: false,
+            webhook_secret: None,
         }
     }
 }
@@ -114,6 +118,7 @@ pub(crate) fn routes() -> utoipa_axum::router::OpenApiRouter<Arc<AppState>> {
         .routes(routes!(refund_top_up))
         .routes(routes!(refund_operation))
         .routes(routes!(get_refund))
+        .routes(routes!(stripe_webhook))
 }
 
 fn payments(app: &AppState) -> Result<&Arc<Payments>, ApiError> {
@@ -1035,6 +1040,38 @@ async fn get_refund(AxumState(app): App, headers: HeaderMap, Path(id): Path<Stri
         }
         _ => Err(ApiError::not_found()),
     }
+}
+
+/// Largest provider webhook body.
+const PROVIDER_WEBHOOK_BYTES_MAX: usize = 256 * 1024;
+
+#[utoipa::path(post, path = "/v1/provider-webhooks/stripe", tag = "payments", summary = "Stripe's webhooks (signed with the configured secret): a payment intent changed, so Tally asks Stripe where it stands and settles it", responses((status = 200, description = "received"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")))]
+async fn stripe_webhook(AxumState(app): App, headers: HeaderMap, body: Bytes) -> ApiResult {
+    let payments = payments(&app)?;
+    let Some(secret) = payments.config.webhook_secret.as_deref() else {
+        return Err(ApiError::new("not_found", "provider webhooks are not configured"));
+    };
+    if body.len() > PROVIDER_WEBHOOK_BYTES_MAX {
+        return Err(ApiError::new("payload_too_large", "webhook body too large"));
+    }
+    let signature = headers.get("stripe-signature").and_then(|v| v.to_str().ok()).unwrap_or_default();
+    let now_s = app.now() / 1000;
+    stripe::verify_webhook_signature(signature, &body, secret, now_s, stripe::WEBHOOK_TOLERANCE_S).map_err(
+        |error| ApiError::new("invalid_signature", format!("the Stripe-Signature header does not verify: {error}")),
+    )?;
+    let event: Value =
+        serde_json::from_slice(&body).map_err(|error| ApiError::new("invalid_request", error.to_string()))?;
+    // The event only says something changed; what it says may be stale or repeated, so
+    // Tally asks the provider for the payment's state now and settles from that.
+    let tally_id = event["data"]["object"]["metadata"]["tally_id"].as_str().unwrap_or_default();
+    if let Some(top_up) = TopUpId::parse(tally_id) {
+        let app = app.clone();
+        tokio::spawn(async move { drive_top_up(&app, top_up).await });
+    } else if let Some(checkout) = CheckoutId::parse(tally_id) {
+        let app = app.clone();
+        tokio::spawn(async move { drive_checkout(&app, checkout).await });
+    }
+    Ok(ok(json!({"received": true})))
 }
 
 /// Asks the provider to refund a pending top-up refund (idempotent by the refund's id).

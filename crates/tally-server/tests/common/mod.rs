@@ -2,10 +2,13 @@
 
 #![allow(dead_code)]
 
+pub mod fake_stripe;
+
 use reqwest::{Client, StatusCode};
 use serde_json::{json, Value};
 use std::sync::Arc;
 use tally_engine::{Clock, Engine, EngineConfig, SystemClock};
+use tally_server::payments::provider::PaymentProvider;
 use tally_server::payments::sandbox::Sandbox;
 use tally_server::payments::PaymentsConfig;
 pub use tally_server::webhooks::{WebhookConfig, Webhooks};
@@ -49,6 +52,23 @@ impl Server {
         webhooks: WebhookConfig,
         nats: Option<tally_server::nats::NatsConfig>,
     ) -> Server {
+        Server::start_full(directory, webhooks, nats, None).await
+    }
+
+    /// A server paying through `provider` (instead of the sandbox), taking provider
+    /// webhooks signed with `webhook_secret`.
+    pub async fn start_with_provider(provider: Arc<dyn PaymentProvider>, webhook_secret: &str) -> Server {
+        let directory = tempfile::tempdir().unwrap();
+        let webhooks = WebhookConfig { allow_private: true, retry_first_ms: 200, ..WebhookConfig::default() };
+        Server::start_full(directory, webhooks, None, Some((provider, webhook_secret.to_string()))).await
+    }
+
+    async fn start_full(
+        directory: tempfile::TempDir,
+        webhooks: WebhookConfig,
+        nats: Option<tally_server::nats::NatsConfig>,
+        provider: Option<(Arc<dyn PaymentProvider>, String)>,
+    ) -> Server {
         let path = directory.path().join("api.db");
         let store = SqliteStore::open(&path).unwrap();
         let projector = Arc::new(Projector::spawn(&path).unwrap());
@@ -64,15 +84,25 @@ impl Server {
         let sandbox = Arc::new(
             Sandbox::open(&directory.path().join("tally.sandbox.db"), std::time::Duration::from_millis(300)).unwrap(),
         );
-        let payments = PaymentsConfig {
+        let mut payments = PaymentsConfig {
             poll: std::time::Duration::from_millis(50),
             retry_after: std::time::Duration::from_millis(200),
             abort_after_capture: false,
+            webhook_secret: None,
+        };
+        let provider: Arc<dyn PaymentProvider> = match provider {
+            Some((provider, secret)) => {
+                // With webhooks, polling only backs them up: slow, so tests see webhooks work.
+                payments.retry_after = std::time::Duration::from_secs(3600);
+                payments.webhook_secret = Some(secret);
+                provider
+            }
+            None => sandbox.clone(),
         };
         let state = Arc::new(
             AppState::new(engine.handle(), projector, HistoryReader::open(&path).unwrap(), keys, clock)
                 .with_webhooks(webhooks)
-                .with_payments(sandbox.clone(), payments),
+                .with_payments(provider, payments),
         );
         let state = match nats {
             Some(config) => Arc::new(Arc::into_inner(state).unwrap().with_nats(config)),
