@@ -391,10 +391,16 @@ pub enum Command {
         data: String,
     },
     /// Payment methods, taxes, top-ups and checkouts (see `payments.rs`).
-    Payment(crate::payments::PaymentCommand),
+    /// Boxed: payment commands are rare and large, and every command in the queue
+    /// pays for the largest variant.
+    Payment(Box<crate::payments::PaymentCommand>),
 }
 
 impl Command {
+    pub fn payment(command: crate::payments::PaymentCommand) -> Command {
+        Command::Payment(Box::new(command))
+    }
+
     /// The names of command kinds, indexed by [`Command::kind_index`] (for metrics).
     pub const KINDS: &'static [&'static str] = &[
         "create_organization",

@@ -361,7 +361,7 @@ pub enum PaymentCommand {
     /// (history reads it); what was already refunded of it is kept here.
     RefundPayment {
         key: IdempotencyKey,
-        operation: Operation,
+        operation: Box<Operation>,
         amount: Option<Amount>,
         reason: String,
     },

@@ -18,7 +18,7 @@ fn pay(state: &mut State, command: PaymentCommand) -> Result<PaymentReceipt, Rej
 }
 
 fn pay_at(state: &mut State, command: PaymentCommand, now: Timestamp) -> Result<PaymentReceipt, Rejection> {
-    match state.apply(&Command::Payment(command), now)? {
+    match state.apply(&Command::payment(command), now)? {
         Receipt::Payment(receipt) => Ok(receipt),
         other => panic!("unexpected receipt {other:?}"),
     }
@@ -596,7 +596,7 @@ fn payment_refunds_go_back_to_their_grants_and_come_from_merchant_and_fee_in_pro
     run(&mut state, "drain", drained).unwrap();
     let all = PaymentCommand::RefundPayment {
         key: key("r1"),
-        operation: operation.clone(),
+        operation: Box::new(operation.clone()),
         amount: None,
         reason: String::new(),
     };
@@ -607,7 +607,7 @@ fn payment_refunds_go_back_to_their_grants_and_come_from_merchant_and_fee_in_pro
     // 25.00 back: 2.50 from the fee, 22.50 from the merchant; to the grant first.
     let part = PaymentCommand::RefundPayment {
         key: key("r2"),
-        operation: operation.clone(),
+        operation: Box::new(operation.clone()),
         amount: Some(a("25.00")),
         reason: String::new(),
     };
@@ -621,7 +621,7 @@ fn payment_refunds_go_back_to_their_grants_and_come_from_merchant_and_fee_in_pro
         &mut state,
         PaymentCommand::RefundPayment {
             key: key("r3"),
-            operation: operation.clone(),
+            operation: Box::new(operation.clone()),
             amount: None,
             reason: String::new(),
         },
@@ -633,7 +633,12 @@ fn payment_refunds_go_back_to_their_grants_and_come_from_merchant_and_fee_in_pro
     assert_eq!(
         refund(
             &mut state,
-            PaymentCommand::RefundPayment { key: key("r4"), operation, amount: None, reason: String::new() }
+            PaymentCommand::RefundPayment {
+                key: key("r4"),
+                operation: Box::new(operation),
+                amount: None,
+                reason: String::new()
+            }
         )
         .unwrap_err(),
         Rejection::RefundExceedsPayment

@@ -310,7 +310,7 @@ async fn add_method(AxumState(app): App, headers: HeaderMap, Path(id): Path<Stri
     text("token", &body.token, false)?;
     let details = payments.provider.describe_method(&body.token).await.map_err(provider_error)?;
     let command = PaymentCommand::AddMethod { organization, token: body.token, details, make_default: body.default };
-    let Receipt::Payment(PaymentReceipt::Method(method)) = app.execute(Command::Payment(command)).await? else {
+    let Receipt::Payment(PaymentReceipt::Method(method)) = app.execute(Command::payment(command)).await? else {
         return Err(ApiError::new("internal", "unexpected receipt"));
     };
     let id = method.id;
@@ -348,7 +348,7 @@ async fn remove_method(AxumState(app): App, headers: HeaderMap, Path(id): Path<S
     caller.require_write()?;
     let method = owned_method(&app, &caller, &id).await?;
     let Receipt::Payment(PaymentReceipt::Method(method)) =
-        app.execute(Command::Payment(PaymentCommand::RemoveMethod { method })).await?
+        app.execute(Command::payment(PaymentCommand::RemoveMethod { method })).await?
     else {
         return Err(ApiError::new("internal", "unexpected receipt"));
     };
@@ -361,7 +361,7 @@ async fn default_method(AxumState(app): App, headers: HeaderMap, Path(id): Path<
     caller.require_write()?;
     let method = owned_method(&app, &caller, &id).await?;
     let Receipt::Payment(PaymentReceipt::Method(method)) =
-        app.execute(Command::Payment(PaymentCommand::SetDefaultMethod { method })).await?
+        app.execute(Command::payment(PaymentCommand::SetDefaultMethod { method })).await?
     else {
         return Err(ApiError::new("internal", "unexpected receipt"));
     };
@@ -393,7 +393,7 @@ async fn method_types(
             _ => return Err(ApiError::invalid("types", "types are card and bank_account")),
         });
     }
-    app.execute(Command::Payment(PaymentCommand::SetMethodTypes { organization, types: types.clone() })).await?;
+    app.execute(Command::payment(PaymentCommand::SetMethodTypes { organization, types: types.clone() })).await?;
     Ok(ok(json!({"organization": organization.to_string(), "payment_method_types": types})))
 }
 
@@ -461,7 +461,7 @@ async fn set_tax_profile(
         taxes.push(Tax { name: tax.name.clone(), rate, fixed });
     }
     let profile = TaxProfile { country: body.country, subdivision: body.subdivision, taxes };
-    app.execute(Command::Payment(PaymentCommand::SetTaxProfile { profile: profile.clone() })).await?;
+    app.execute(Command::payment(PaymentCommand::SetTaxProfile { profile: profile.clone() })).await?;
     Ok(ok(profile_view(&profile)))
 }
 
@@ -538,7 +538,7 @@ async fn top_up_limits(
     let max_top_up = body.max_amount.as_deref().map(|t| parse("max_amount", t)).transpose()?;
     let presets = body.presets.iter().map(|t| parse("presets", t)).collect::<Result<Vec<_>, _>>()?;
     let command = PaymentCommand::SetWalletLimits { wallet, min_top_up, max_top_up, presets };
-    app.execute(Command::Payment(command)).await?;
+    app.execute(Command::payment(command)).await?;
     settings_answer(&app, wallet).await
 }
 
@@ -593,7 +593,7 @@ async fn set_auto_top_up(
         max_per_day: body.max_per_day,
         max_amount_per_day: parse("max_amount_per_day", &body.max_amount_per_day)?,
     };
-    app.execute(Command::Payment(PaymentCommand::SetAutoTopUp { wallet, rule: Some(spec) })).await?;
+    app.execute(Command::payment(PaymentCommand::SetAutoTopUp { wallet, rule: Some(spec) })).await?;
     settings_answer(&app, wallet).await
 }
 
@@ -602,7 +602,7 @@ async fn delete_auto_top_up(AxumState(app): App, headers: HeaderMap, Path(id): P
     let caller = caller(&app, &headers)?;
     caller.require_write()?;
     let (wallet, _, _) = owned_wallet_meta(&app, &caller, &id).await?;
-    app.execute(Command::Payment(PaymentCommand::SetAutoTopUp { wallet, rule: None })).await?;
+    app.execute(Command::payment(PaymentCommand::SetAutoTopUp { wallet, rule: None })).await?;
     settings_answer(&app, wallet).await
 }
 
@@ -652,7 +652,7 @@ async fn create_top_up(
     let actor = (!caller.is_admin()).then_some(organization);
     let command = PaymentCommand::CreateTopUp { key, actor, wallet, amount, method };
     let Receipt::Payment(PaymentReceipt::TopUp { top_up, created, .. }) =
-        app.execute(Command::Payment(command)).await?
+        app.execute(Command::payment(command)).await?
     else {
         return Err(ApiError::new("internal", "unexpected receipt"));
     };
@@ -884,7 +884,7 @@ async fn create_checkout(AxumState(app): App, headers: HeaderMap, ApiJson(body):
         description: body.description,
     };
     let Receipt::Payment(PaymentReceipt::Checkout { checkout, created, .. }) =
-        app.execute(Command::Payment(command)).await?
+        app.execute(Command::payment(command)).await?
     else {
         return Err(ApiError::new("internal", "unexpected receipt"));
     };
@@ -955,7 +955,7 @@ struct CreateRefund {
 
 async fn refund_answer(app: &Arc<AppState>, command: PaymentCommand) -> ApiResult {
     let Receipt::Payment(PaymentReceipt::Refund { refund, created, .. }) =
-        app.execute(Command::Payment(command)).await?
+        app.execute(Command::payment(command)).await?
     else {
         return Err(ApiError::new("internal", "unexpected receipt"));
     };
@@ -1020,7 +1020,11 @@ async fn refund_operation(
         None => None,
     };
     text("reason", &body.reason, true)?;
-    refund_answer(&app, PaymentCommand::RefundPayment { key, operation, amount, reason: body.reason }).await
+    refund_answer(
+        &app,
+        PaymentCommand::RefundPayment { key, operation: Box::new(operation), amount, reason: body.reason },
+    )
+    .await
 }
 
 #[utoipa::path(get, path = "/v1/refunds/{id}", tag = "payments", summary = "A refund", params(("id" = String, Path, description = "refund id")), responses((status = 200, description = "success, as JSON"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
@@ -1101,7 +1105,7 @@ pub(crate) async fn drive_refund(app: &Arc<AppState>, id: RefundId) {
         }
     };
     app.metrics.count_payment("refund", outcome_text(&outcome));
-    match app.execute(Command::Payment(PaymentCommand::SettleRefund { refund: id, outcome })).await {
+    match app.execute(Command::payment(PaymentCommand::SettleRefund { refund: id, outcome })).await {
         Ok(_) => payments.forget(&key),
         Err(error) => tracing::warn!(refund = %key, code = error.code, "settling a refund failed; will retry"),
     }
@@ -1189,7 +1193,7 @@ pub(crate) async fn drive_top_up(app: &Arc<AppState>, id: TopUpId) {
     match provider_step(&payments, &request).await {
         Ok(Step::Settle(outcome)) => {
             app.metrics.count_payment("top_up", outcome_text(&outcome));
-            let command = Command::Payment(PaymentCommand::SettleTopUp { top_up: id, outcome });
+            let command = Command::payment(PaymentCommand::SettleTopUp { top_up: id, outcome });
             match app.execute(command).await {
                 Ok(_) => payments.forget(&key),
                 Err(error) => tracing::warn!(top_up = %key, code = error.code, "settling a top-up failed; will retry"),
@@ -1241,7 +1245,7 @@ pub(crate) async fn drive_checkout(app: &Arc<AppState>, id: CheckoutId) {
             return;
         }
     };
-    let command = Command::Payment(PaymentCommand::SettleCheckout { checkout: id, outcome: outcome.clone() });
+    let command = Command::payment(PaymentCommand::SettleCheckout { checkout: id, outcome: outcome.clone() });
     match app.execute(command).await {
         Ok(Receipt::Payment(PaymentReceipt::Checkout { checkout: settled, .. })) => {
             payments.forget(&key);
@@ -1284,7 +1288,7 @@ pub fn spawn_worker(app: Arc<AppState>) -> Option<tokio::task::JoinHandle<()>> {
                 continue;
             };
             for wallet in due {
-                match app.execute(Command::Payment(PaymentCommand::StartAutoTopUp { wallet })).await {
+                match app.execute(Command::payment(PaymentCommand::StartAutoTopUp { wallet })).await {
                     Ok(Receipt::Payment(PaymentReceipt::TopUp { top_up, .. })) => {
                         spawn_drive(&app, &payments, Pending::TopUp(top_up.id))
                     }
