@@ -241,3 +241,130 @@ fn every_change_makes_its_events_and_refusals_none() {
     };
     assert_eq!(w.run(notice), vec![("webhook_endpoint.disabled", None)]);
 }
+
+#[test]
+fn every_payment_change_makes_its_events_and_refusals_none() {
+    use tally_ledger::payments::*;
+    let mut w = World { state: State::new(Settings::default()), directory: Memory::default(), now: START };
+    let billing = BillingDetails {
+        legal_name: "c".into(),
+        email: "c@example.com".into(),
+        address: String::new(),
+        country: "US".into(),
+        region: "CA".into(),
+        tax_id: String::new(),
+    };
+    for (organization, roles) in
+        [(1, Roles { merchant: true, consumer: false }), (2, Roles { merchant: false, consumer: true })]
+    {
+        w.run(Command::CreateOrganization { name: "o".into(), roles });
+        w.run(Command::CreateWallet {
+            organization: OrganizationId(organization),
+            currency: usd(),
+            low_balance_threshold: None,
+            additional: false,
+        });
+        w.run(Command::UpdateOrganization {
+            organization: OrganizationId(organization),
+            roles,
+            billing: Some(billing.clone()),
+        });
+    }
+    let card = |token: &str| {
+        Command::payment(PaymentCommand::AddMethod {
+            organization: OrganizationId(2),
+            token: token.into(),
+            details: MethodDetails {
+                kind: MethodType::Card,
+                brand: "visa".into(),
+                last4: "4242".into(),
+                exp_month: 12,
+                exp_year: 2034,
+            },
+            make_default: false,
+        })
+    };
+    assert_eq!(w.run(card("ok")), vec![("payment_method.created", Some(2))]);
+    assert_eq!(w.run(card("bad")), vec![("payment_method.created", Some(2))]);
+    let top_up = |key: &str, method: u64| {
+        Command::payment(PaymentCommand::CreateTopUp {
+            key: IdempotencyKey::new("t", key).unwrap(),
+            actor: None,
+            wallet: WalletId(2),
+            amount: money("20.00"),
+            method: PaymentMethodId(method),
+        })
+    };
+    let settle = |id: u64, outcome: ProviderOutcome| {
+        Command::payment(PaymentCommand::SettleTopUp { top_up: TopUpId(id), outcome })
+    };
+    let ok = || ProviderOutcome::Succeeded { reference: "p".into() };
+    let declined = || ProviderOutcome::Failed { code: "card_declined".into(), message: "no".into() };
+    assert_eq!(w.run(top_up("t1", 1)), vec![("top_up.created", Some(2))]);
+    assert_eq!(w.run(top_up("t1", 1)), vec![], "a repeat is the same top-up");
+    assert_eq!(w.run(top_up("t1", 2)), vec![], "refused: the key was used for another request");
+    assert_eq!(w.run(settle(1, ok())), vec![("top_up.succeeded", Some(2)), ("operation.created", Some(2))]);
+    assert_eq!(w.run(settle(1, declined())), vec![], "a late answer changes nothing");
+    assert_eq!(w.run(top_up("t2", 2)), vec![("top_up.created", Some(2))]);
+    assert_eq!(w.run(settle(2, declined())), vec![("top_up.failed", Some(2))]);
+    // Auto top-up: a debit below the threshold, then the worker starts it.
+    let rule = AutoTopUpSpec {
+        threshold: Amount::from_major(10),
+        amount: AutoAmount::Fixed(Amount::from_major(5)),
+        method: PaymentMethodId(2),
+        max_per_day: 5,
+        max_amount_per_day: Amount::from_major(100),
+    };
+    w.run(Command::payment(PaymentCommand::SetAutoTopUp { wallet: WalletId(2), rule: Some(rule) }));
+    let debit = MoneyAction::Debit {
+        wallet: WalletId(2),
+        amount: money("15.00"),
+        source: AdjustmentSource::ExternalFunding,
+        reason: String::new(),
+    };
+    assert_eq!(w.run(mv("d1", debit)), vec![("operation.created", Some(2))]);
+    assert_eq!(
+        w.run(Command::payment(PaymentCommand::StartAutoTopUp { wallet: WalletId(2) })),
+        vec![("top_up.created", Some(2)), ("auto_top_up.started", Some(2))]
+    );
+    assert_eq!(w.run(settle(3, declined())), vec![("top_up.failed", Some(2)), ("auto_top_up.failed", Some(2))]);
+    // A checkout the wallet covers: created and succeeded at once, for both parties.
+    let checkout = Command::payment(PaymentCommand::StartCheckout {
+        key: IdempotencyKey::new("t", "c1").unwrap(),
+        actor: None,
+        consumer: OrganizationId(2),
+        merchant: OrganizationId(1),
+        amount: money("2.00"),
+        use_wallet: true,
+        method: None,
+        description: String::new(),
+    });
+    assert_eq!(
+        w.run(checkout),
+        vec![
+            ("checkout.created", Some(2)),
+            ("checkout.created", Some(1)),
+            ("checkout.succeeded", Some(2)),
+            ("checkout.succeeded", Some(1)),
+            ("operation.created", Some(2)),
+            ("operation.created", Some(1)),
+        ]
+    );
+    let refund = Command::payment(PaymentCommand::RefundTopUp {
+        key: IdempotencyKey::new("t", "r1").unwrap(),
+        top_up: TopUpId(1),
+        amount: Some(Amount::from_major(1)),
+        reason: String::new(),
+    });
+    assert_eq!(w.run(refund.clone()), vec![("refund.created", Some(2)), ("operation.created", Some(2))]);
+    assert_eq!(w.run(refund), vec![], "a repeat is the same refund");
+    let settle_refund = Command::payment(PaymentCommand::SettleRefund { refund: RefundId(1), outcome: ok() });
+    assert_eq!(w.run(settle_refund), vec![("refund.succeeded", Some(2))]);
+    let too_much = Command::payment(PaymentCommand::RefundTopUp {
+        key: IdempotencyKey::new("t", "r2").unwrap(),
+        top_up: TopUpId(1),
+        amount: Some(Amount::from_major(100)),
+        reason: String::new(),
+    });
+    assert_eq!(w.run(too_much), vec![], "refused: more than was paid");
+}
