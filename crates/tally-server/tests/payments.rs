@@ -449,3 +449,103 @@ async fn concurrent_checkouts_and_auto_top_ups_never_overdraw_and_never_overlap(
     let server = std::sync::Arc::into_inner(server).expect("tasks are done");
     server.stop().await;
 }
+
+/// Waits until `check` holds for the JSON at `path`, or fails with what was last seen.
+async fn wait_for(server: &Server, path: &str, check: impl Fn(&Value) -> bool) -> Value {
+    let mut last = Value::Null;
+    for _ in 0..100 {
+        last = server.get(path, &server.admin).await.1;
+        if check(&last) {
+            return last;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{path} never reached the expected state; last: {last}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_sandbox_outcome_through_auto_top_up_checkout_and_renewal() {
+    let server = Server::start().await;
+    let (merchant, merchant_wallet, merchant_key) = organization(&server, "Merchant", true).await;
+    let plan = json!({"name": "Pro", "currency": "USD", "billing_period": "month", "recurring_fee": "5.00",
+                      "prices": []});
+    let (status, plan) = server.post("/v1/plans", &merchant_key, None, plan).await;
+    assert_eq!(status, StatusCode::CREATED, "{plan}");
+    let plan = plan["id"].as_str().unwrap().to_string();
+    let mut merchant_expected = 0;
+    for (token, failure) in [
+        ("pm_card_visa", None),
+        ("pm_card_slow", None),
+        ("pm_card_declined", Some("card_declined")),
+        ("pm_card_insufficient_funds", Some("insufficient_funds")),
+        ("pm_card_expired", Some("expired_card")),
+    ] {
+        // Auto top-up: 3.00 above a 5.00 threshold, then a 1.00 debit crosses it.
+        let (org, wallet, key) = organization(&server, &format!("auto {token}"), false).await;
+        let method = add_method(&server, &org, &key, token).await;
+        server.credit(&wallet, "6.00", &format!("fund-{token}")).await;
+        let rule =
+            json!({"threshold": "5.50", "amount": "10.00", "payment_method": method, "max_amount_per_day": "50.00"});
+        server.call("PUT", &format!("/v1/wallets/{wallet}/auto-top-up"), &key, None, Some(rule)).await;
+        let debit = json!({"direction": "debit", "amount": "1.00", "currency": "USD", "reason": "usage"});
+        server
+            .post(&format!("/v1/wallets/{wallet}/adjustments"), &server.admin, Some(&format!("d-{token}")), debit)
+            .await;
+        let top_ups = wait_for(&server, &format!("/v1/wallets/{wallet}/top-ups"), |list| {
+            list["data"].as_array().is_some_and(|d| d.len() == 1 && d[0]["status"] != "pending")
+        })
+        .await;
+        let top_up = &top_ups["data"][0];
+        assert_eq!(top_up["automatic"], true);
+        match failure {
+            None => {
+                assert_eq!(top_up["status"], "succeeded", "{token}: {top_up}");
+                assert_eq!(server.wallet(&wallet).await["balance"], "15.00", "{token}");
+            }
+            Some(code) => {
+                assert_eq!((top_up["status"].as_str(), top_up["failure_code"].as_str()), (Some("failed"), Some(code)));
+                assert_eq!(server.wallet(&wallet).await["balance"], "5.00", "{token}");
+            }
+        }
+
+        // Checkout: an empty wallet, so the card pays all of it.
+        let (org, _, key) = organization(&server, &format!("checkout {token}"), false).await;
+        let method = add_method(&server, &org, &key, token).await;
+        let body = json!({"consumer": org, "merchant": merchant, "amount": "10.00", "currency": "USD",
+                          "payment_method": method});
+        let (status, checkout) = server.post("/v1/checkouts", &key, Some("c1"), body).await;
+        assert_eq!(status, StatusCode::CREATED, "{checkout}");
+        let id = checkout["id"].as_str().unwrap();
+        let checkout = wait_for(&server, &format!("/v1/checkouts/{id}"), |c| c["status"] != "pending").await;
+        match failure {
+            None => {
+                assert_eq!(checkout["status"], "succeeded", "{token}: {checkout}");
+                merchant_expected += 1000;
+            }
+            Some(code) => assert_eq!(checkout["failure_code"], code, "{token}: {checkout}"),
+        }
+
+        // Renewal: subscribing charges the first 5.00 fee; the wallet is empty, so the
+        // default payment method pays it.
+        let (org, _, key) = organization(&server, &format!("renewal {token}"), false).await;
+        add_method(&server, &org, &key, token).await;
+        let (status, subscription) =
+            server.post("/v1/subscriptions", &key, None, json!({"consumer": org, "plan": plan})).await;
+        assert_eq!(status, StatusCode::CREATED, "{subscription}");
+        let id = subscription["id"].as_str().unwrap();
+        let expected = if failure.is_none() { "active" } else { "past_due" };
+        let settled = wait_for(&server, &format!("/v1/subscriptions/{id}"), |s| {
+            s["status"] == expected && (failure.is_some() || s["outstanding"] == "0.00")
+        })
+        .await;
+        assert_eq!(settled["status"], expected, "{token}: {settled}");
+        if failure.is_none() {
+            merchant_expected += 500;
+            let expected = format!("{}.{:02}", merchant_expected / 100, merchant_expected % 100);
+            wait_for(&server, &format!("/v1/wallets/{merchant_wallet}"), |w| w["balance"] == expected.as_str()).await;
+        }
+    }
+    let expected = format!("{}.{:02}", merchant_expected / 100, merchant_expected % 100);
+    assert_eq!(server.wallet(&merchant_wallet).await["balance"], expected.as_str());
+    server.stop().await;
+}
