@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
-use tally_ledger::{Command, PaymentReceipt, Receipt, Rejection, Settings, State, Timestamp};
+use tally_ledger::{Command, PaymentReceipt, PayoutReceipt, Receipt, Rejection, Settings, State, Timestamp};
 use tally_store::{encode_snapshot, JournalBatch, Loaded, Store, StoreError};
 
 /// How many commands ahead of the one being applied the writer prefetches.
@@ -399,6 +399,7 @@ impl Writer {
                                 | PaymentReceipt::Checkout { created: false, settled: false, .. }
                                 | PaymentReceipt::Refund { created: false, settled: false, .. },
                             ) => false,
+                            Receipt::Payout(PayoutReceipt::Payout { created: false, settled: false, .. }) => false,
                             // A tick runs only when something is due, and it may change state
                             // without moving money (a grant turning expired), so every tick is
                             // journaled: replay must see it.

@@ -394,11 +394,17 @@ pub enum Command {
     /// Boxed: payment commands are rare and large, and every command in the queue
     /// pays for the largest variant.
     Payment(Box<crate::payments::PaymentCommand>),
+    /// Verification, bank accounts and payouts (see `payouts.rs`).
+    Payout(Box<crate::payouts::PayoutCommand>),
 }
 
 impl Command {
     pub fn payment(command: crate::payments::PaymentCommand) -> Command {
         Command::Payment(Box::new(command))
+    }
+
+    pub fn payout(command: crate::payouts::PayoutCommand) -> Command {
+        Command::Payout(Box::new(command))
     }
 
     /// The names of command kinds, indexed by [`Command::kind_index`] (for metrics).
@@ -421,6 +427,7 @@ impl Command {
         "usage",
         "notice",
         "payment",
+        "payout",
     ];
 
     pub fn kind_index(&self) -> usize {
@@ -443,6 +450,7 @@ impl Command {
             Command::Usage { .. } => 15,
             Command::Notice { .. } => 16,
             Command::Payment(_) => 17,
+            Command::Payout(_) => 18,
         }
     }
 }
@@ -470,6 +478,12 @@ pub enum OperationKind {
     Refund,
     /// A top-up refund the provider refused, put back.
     RefundReversal,
+    /// A payout: from the wallet to payouts in transit.
+    Payout,
+    /// A payout the rail paid: from in transit to the outside world.
+    PayoutPaid,
+    /// A payout the rail refused: from in transit back to the wallet.
+    PayoutReturn,
 }
 
 impl OperationKind {
@@ -488,6 +502,9 @@ impl OperationKind {
             OperationKind::Checkout => "checkout",
             OperationKind::Refund => "refund",
             OperationKind::RefundReversal => "refund_reversal",
+            OperationKind::Payout => "payout",
+            OperationKind::PayoutPaid => "payout_paid",
+            OperationKind::PayoutReturn => "payout_return",
         }
     }
 }
@@ -600,6 +617,7 @@ pub enum Receipt {
     /// A repeat of an idempotency key: the original result, not applied again.
     Replayed(ReceiptRef),
     Payment(crate::payments::PaymentReceipt),
+    Payout(crate::payouts::PayoutReceipt),
 }
 
 impl Receipt {
@@ -641,6 +659,7 @@ impl Receipt {
                 | crate::payments::PaymentReceipt::Checkout { operation, .. }
                 | crate::payments::PaymentReceipt::Refund { operation, .. },
             ) => operation.iter().collect(),
+            Receipt::Payout(crate::payouts::PayoutReceipt::Payout { operation, .. }) => operation.iter().collect(),
             Receipt::Usage { results } => {
                 results.iter().filter_map(|r| r.as_ref().ok().and_then(|c| c.operation.as_ref())).collect()
             }

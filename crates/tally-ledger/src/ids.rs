@@ -49,6 +49,8 @@ id_type!(PaymentMethodId, "pm");
 id_type!(TopUpId, "top");
 id_type!(CheckoutId, "chk");
 id_type!(RefundId, "ref");
+id_type!(BankAccountId, "ba");
+id_type!(PayoutId, "po");
 
 #[cfg(test)]
 mod tests {

@@ -7,6 +7,7 @@ pub mod ids;
 pub mod keys;
 pub mod money;
 pub mod payments;
+pub mod payouts;
 pub mod rejection;
 pub mod state;
 mod usage;
@@ -15,6 +16,7 @@ pub use command::*;
 pub use ids::*;
 pub use money::{Amount, Currency, Money, MoneyError, PartsPerMillion};
 pub use payments::{PaymentCommand, PaymentReceipt, PaymentStatus, ProviderOutcome};
+pub use payouts::{PayoutCommand, PayoutReceipt};
 pub use rejection::Rejection;
 pub use state::{
     fingerprint, Grant, GrantStatus, Hold, IdempotencyRecord, Organization, Portion, Reservation, Settings, State,

@@ -142,6 +142,18 @@ pub enum Rejection {
     RefundNotFound,
     #[error("the merchant's available balance does not cover the refund")]
     MerchantInsufficientFunds,
+    #[error("a bank account needs a two-letter country, a holder name, and a valid account number")]
+    InvalidBankAccount,
+    #[error("no such bank account")]
+    BankAccountNotFound,
+    #[error("a payout schedule uses this bank account; change the schedule first")]
+    BankAccountInUse,
+    #[error("the bank account is not verified")]
+    BankAccountNotVerified,
+    #[error("the organization is not verified: only verified organizations are paid out")]
+    OrganizationNotVerified,
+    #[error("no such payout")]
+    PayoutNotFound,
 }
 
 impl Rejection {
@@ -217,6 +229,12 @@ impl Rejection {
             RefundExceedsPayment => "refund_exceeds_payment",
             RefundNotFound => "refund_not_found",
             MerchantInsufficientFunds => "merchant_insufficient_funds",
+            InvalidBankAccount => "invalid_bank_account",
+            BankAccountNotFound => "bank_account_not_found",
+            BankAccountInUse => "bank_account_in_use",
+            BankAccountNotVerified => "bank_account_not_verified",
+            OrganizationNotVerified => "organization_not_verified",
+            PayoutNotFound => "payout_not_found",
         }
     }
 
@@ -295,6 +313,12 @@ impl Rejection {
         Rejection::RefundExceedsPayment,
         Rejection::RefundNotFound,
         Rejection::MerchantInsufficientFunds,
+        Rejection::InvalidBankAccount,
+        Rejection::BankAccountNotFound,
+        Rejection::BankAccountInUse,
+        Rejection::BankAccountNotVerified,
+        Rejection::OrganizationNotVerified,
+        Rejection::PayoutNotFound,
     ];
 }
 

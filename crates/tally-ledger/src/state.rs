@@ -244,6 +244,7 @@ pub struct State {
     pub usage_keys_previous: KeyTable,
     pub usage_generation_started_at: Timestamp,
     pub payments: crate::payments::Payments,
+    pub payouts: crate::payouts::Payouts,
     /// Wallets debited by the command being applied, for auto top-up (empty between
     /// commands; filled only while some wallet has payment settings).
     #[serde(skip)]
@@ -565,6 +566,7 @@ impl State {
             | Command::CancelSubscription { .. }
             | Command::Usage { .. } => self.apply_billing(command, now),
             Command::Payment(payment) => self.apply_payment(payment, now),
+            Command::Payout(payout) => self.apply_payout(payout, now),
         }
     }
 

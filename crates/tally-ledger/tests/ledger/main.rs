@@ -3,6 +3,7 @@
 
 mod model;
 mod payments;
+mod payouts;
 mod rules;
 mod usage;
 
