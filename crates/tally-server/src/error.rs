@@ -74,6 +74,7 @@ pub fn status_of(code: &str) -> StatusCode {
         | "invalid_tax_profile"
         | "card_number_not_accepted"
         | "invalid_signature"
+        | "invalid_bank_account"
         | "amount_not_in_minor_units"
         | "amount_below_minimum"
         | "amount_above_maximum"
@@ -92,7 +93,9 @@ pub fn status_of(code: &str) -> StatusCode {
         | "payment_method_not_found"
         | "top_up_not_found"
         | "checkout_not_found"
-        | "refund_not_found" => StatusCode::NOT_FOUND,
+        | "refund_not_found"
+        | "bank_account_not_found"
+        | "payout_not_found" => StatusCode::NOT_FOUND,
         "idempotency_key_in_use"
         | "wallet_already_exists"
         | "meter_code_taken"
@@ -131,7 +134,10 @@ pub fn status_of(code: &str) -> StatusCode {
         | "auto_top_up_limit_reached"
         | "not_refundable"
         | "refund_exceeds_payment"
-        | "merchant_insufficient_funds" => StatusCode::UNPROCESSABLE_ENTITY,
+        | "merchant_insufficient_funds"
+        | "bank_account_in_use"
+        | "bank_account_not_verified"
+        | "organization_not_verified" => StatusCode::UNPROCESSABLE_ENTITY,
         "provider_unavailable" => StatusCode::BAD_GATEWAY,
         "rate_limited" => StatusCode::TOO_MANY_REQUESTS,
         "busy" | "not_ready" | "shutting_down" => StatusCode::SERVICE_UNAVAILABLE,

@@ -8,6 +8,7 @@ mod error;
 pub mod metrics;
 pub mod nats;
 pub mod payments;
+pub mod payouts;
 pub mod time;
 mod views;
 pub mod webhooks;
@@ -56,6 +57,8 @@ pub struct AppState {
     pub nats: Option<nats::NatsConfig>,
     /// The payment provider and its driver, when enabled.
     pub payments: Option<Arc<payments::Payments>>,
+    /// The payout rail and its driver, when enabled.
+    pub payouts: Option<Arc<payouts::PayoutService>>,
 }
 
 impl AppState {
@@ -78,6 +81,7 @@ impl AppState {
             webhooks: None,
             nats: None,
             payments: None,
+            payouts: None,
         }
     }
 
@@ -94,6 +98,12 @@ impl AppState {
         config: payments::PaymentsConfig,
     ) -> AppState {
         self.payments = Some(Arc::new(payments::Payments::new(provider, config)));
+        self
+    }
+
+    /// Enables payouts through `service`'s rail (`serve` starts the payout worker).
+    pub fn with_payouts(mut self, service: payouts::PayoutService) -> AppState {
+        self.payouts = Some(Arc::new(service));
         self
     }
 
@@ -228,6 +238,7 @@ fn api_router() -> utoipa_axum::router::OpenApiRouter<Arc<AppState>> {
         .merge(billing::routes())
         .merge(webhooks::routes())
         .merge(payments::routes())
+        .merge(payouts::routes())
 }
 
 /// Serves until `shutdown` resolves, then stops taking connections and finishes the
@@ -242,6 +253,7 @@ pub async fn serve(
         tasks.push(nats::spawn(webhooks, config));
     }
     tasks.extend(payments::spawn_worker(state.clone()));
+    tasks.extend(payouts::spawn_worker(state.clone()));
     let served = axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await;
     for task in tasks {
         task.abort();

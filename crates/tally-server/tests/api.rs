@@ -393,6 +393,22 @@ const ENDPOINTS: &[(&str, &str)] = &[
     ("post", "/v1/operations/{id}/refunds"),
     ("get", "/v1/refunds/{id}"),
     ("post", "/v1/provider-webhooks/stripe"),
+    ("get", "/v1/organizations/{id}/verification"),
+    ("post", "/v1/organizations/{id}/verification/submit"),
+    ("post", "/v1/organizations/{id}/verification/approve"),
+    ("post", "/v1/organizations/{id}/verification/reject"),
+    ("post", "/v1/organizations/{id}/bank-accounts"),
+    ("get", "/v1/organizations/{id}/bank-accounts"),
+    ("post", "/v1/bank-accounts/{id}/test-deposits"),
+    ("post", "/v1/bank-accounts/{id}/test-deposits/confirm"),
+    ("post", "/v1/bank-accounts/{id}/verify"),
+    ("delete", "/v1/bank-accounts/{id}"),
+    ("post", "/v1/payouts"),
+    ("get", "/v1/payouts"),
+    ("get", "/v1/payouts/{id}"),
+    ("put", "/v1/wallets/{id}/payout-schedule"),
+    ("delete", "/v1/wallets/{id}/payout-schedule"),
+    ("put", "/v1/payout-minimums"),
 ];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -49,6 +49,12 @@ pub const EVENT_TYPES: &[&str] = &[
     "refund.created",
     "refund.succeeded",
     "refund.failed",
+    "organization.verification_updated",
+    "bank_account.created",
+    "bank_account.updated",
+    "payout.created",
+    "payout.paid",
+    "payout.failed",
 ];
 
 /// An event before it is numbered: its type, the organization it belongs to (None:
@@ -351,6 +357,7 @@ pub fn derive(command: &Command, receipt: &Receipt, directory: &mut dyn Director
             }
         }
         (Command::Payment(command), Receipt::Payment(receipt)) => payment_events(command, receipt, &mut out),
+        (Command::Payout(command), Receipt::Payout(receipt)) => payout_events(command, receipt, &mut out),
         _ => {}
     }
     out
@@ -543,6 +550,86 @@ fn payment_events(command: &PaymentCommand, receipt: &PaymentReceipt, out: &mut 
             }
         }
         _ => {}
+    }
+}
+
+fn payout_events(command: &PayoutCommand, receipt: &PayoutReceipt, out: &mut Vec<NewEvent>) {
+    use tally_ledger::payouts::BankAccountStatus;
+    match receipt {
+        PayoutReceipt::Verification { organization, verification } => out.push(NewEvent {
+            kind: "organization.verification_updated",
+            organization: Some(*organization),
+            object: organization.to_string(),
+            data: json!({"object": "verification", "organization": organization.to_string(),
+                         "status": status_text(&verification.status), "reason": verification.reason.as_deref()}),
+        }),
+        PayoutReceipt::BankAccount(account) => {
+            // A wrong test-deposit answer that changes no status says nothing.
+            let changed = !matches!(
+                (command, account.status),
+                (PayoutCommand::ConfirmDeposits { .. }, BankAccountStatus::PendingVerification)
+            );
+            if changed {
+                let kind = if matches!(command, PayoutCommand::AddBankAccount { .. }) {
+                    "bank_account.created"
+                } else {
+                    "bank_account.updated"
+                };
+                out.push(NewEvent {
+                    kind,
+                    organization: Some(account.organization),
+                    object: account.id.to_string(),
+                    data: json!({"id": account.id.to_string(), "object": "bank_account",
+                                 "currency": account.currency.code(), "last4": account.last4.as_ref(),
+                                 "status": status_text(&account.status)}),
+                });
+            }
+        }
+        PayoutReceipt::Payout { payout, created, settled, operation } => {
+            let currency = payout.currency;
+            let data = json!({
+                "id": payout.id.to_string(),
+                "object": "payout",
+                "wallet": payout.wallet.to_string(),
+                "bank_account": payout.bank_account.to_string(),
+                "currency": currency.code(),
+                "amount": money(Amount::from_units(payout.amount), currency),
+                "status": match payout.status {
+                    PaymentStatus::Pending => "in_transit",
+                    PaymentStatus::Succeeded => "paid",
+                    PaymentStatus::Failed => "failed",
+                },
+                "failure_code": payout.failure_code.as_deref(),
+            });
+            let mut kinds = Vec::new();
+            if *created {
+                kinds.push("payout.created");
+            }
+            if *settled {
+                kinds.push(if payout.status == PaymentStatus::Succeeded { "payout.paid" } else { "payout.failed" });
+            }
+            for kind in kinds {
+                out.push(NewEvent {
+                    kind,
+                    organization: Some(payout.organization),
+                    object: payout.id.to_string(),
+                    data: data.clone(),
+                });
+            }
+            // Money left or came back to the wallet: an operation the owner sees. (Paid
+            // moves only system accounts, so it is the payout.paid event alone.)
+            if let Some(operation) =
+                operation.as_ref().filter(|o| o.legs.iter().any(|l| matches!(l.account, Account::Wallet(_))))
+            {
+                out.push(NewEvent {
+                    kind: "operation.created",
+                    organization: Some(payout.organization),
+                    object: operation.id.to_string(),
+                    data: operation_json(operation),
+                });
+            }
+        }
+        PayoutReceipt::MinimumSet | PayoutReceipt::ScheduleSet(_) | PayoutReceipt::ScheduleSkipped { .. } => {}
     }
 }
 

@@ -179,7 +179,9 @@ struct ServeArgs {
     #[arg(long, env = "TALLY_STRIPE_WEBHOOK_SECRET", hide_env_values = true)]
     stripe_webhook_secret: Option<String>,
     /// Fault injection for crash tests: `abort_after_capture` kills the process right
-    /// after the provider captured a payment, before the ledger credits it.
+    /// after the provider captured a payment, before the ledger credits it;
+    /// `abort_before_rail` right after a payout's money went in transit, before the
+    /// payout rail is asked.
     #[arg(long, env = "TALLY_FAULT", hide = true)]
     fault: Option<String>,
     /// Publish every event to this NATS server's JetStream (nats://host:port); off when unset.
@@ -287,7 +289,19 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let state = Arc::new(
         tally_server::AppState::new(engine.handle(), projector, HistoryReader::open(&path)?, keys, clock)
             .with_webhooks(webhooks)
-            .with_payments(provider, payments_config),
+            .with_payments(provider, payments_config)
+            .with_payouts(tally_server::payouts::PayoutService::new(
+                Arc::new(
+                    tally_server::payouts::SandboxRail::open(
+                        &path.with_file_name("tally.sandbox.db"),
+                        std::time::Duration::from_millis(args.sandbox_slow_ms),
+                    )
+                    .context("opening the sandbox payout rail's records")?,
+                ),
+                args.fault.as_deref() == Some("abort_before_rail"),
+                true,
+                std::time::Duration::from_millis(250),
+            )),
     );
     let state = match args.nats_url {
         Some(url) => {

@@ -20,6 +20,8 @@ pub struct Server {
     pub base: String,
     /// The sandbox payment provider, to compare its records with the ledger.
     pub sandbox: Arc<Sandbox>,
+    /// The sandbox payout rail.
+    pub rail: Arc<tally_server::payouts::SandboxRail>,
     pub admin: String,
     pub client: Client,
     pub state: Arc<AppState>,
@@ -84,6 +86,13 @@ impl Server {
         let sandbox = Arc::new(
             Sandbox::open(&directory.path().join("tally.sandbox.db"), std::time::Duration::from_millis(300)).unwrap(),
         );
+        let rail = Arc::new(
+            tally_server::payouts::SandboxRail::open(
+                &directory.path().join("tally.sandbox.db"),
+                std::time::Duration::from_millis(300),
+            )
+            .unwrap(),
+        );
         let mut payments = PaymentsConfig {
             poll: std::time::Duration::from_millis(50),
             retry_after: std::time::Duration::from_millis(200),
@@ -102,7 +111,13 @@ impl Server {
         let state = Arc::new(
             AppState::new(engine.handle(), projector, HistoryReader::open(&path).unwrap(), keys, clock)
                 .with_webhooks(webhooks)
-                .with_payments(provider, payments),
+                .with_payments(provider, payments)
+                .with_payouts(tally_server::payouts::PayoutService::new(
+                    rail.clone(),
+                    false,
+                    true,
+                    std::time::Duration::from_millis(50),
+                )),
         );
         let state = match nats {
             Some(config) => Arc::new(Arc::into_inner(state).unwrap().with_nats(config)),
@@ -117,6 +132,7 @@ impl Server {
         Server {
             base,
             sandbox,
+            rail,
             admin,
             client: Client::new(),
             state,
