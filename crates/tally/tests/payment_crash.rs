@@ -1,6 +1,7 @@
 //! Fault injection: `tally serve` is killed (abort) right after the payment provider
-//! captured a top-up and before the ledger credited it. After a restart the recovery
-//! task must find the pending top-up, ask the provider, and credit it exactly once.
+//! captured a top-up and before the ledger credited it, or right after a payout's money
+//! went in transit and before the payout rail was asked. After a restart the recovery
+//! task must find the pending record and finish it exactly once.
 
 use reqwest::blocking::Client;
 use serde_json::{json, Value};
@@ -14,7 +15,7 @@ fn free_port() -> u16 {
 }
 
 /// Starts `tally serve` on `dir`; returns the child and, on first start, the admin key.
-fn serve(dir: &Path, port: u16, fault: bool) -> (Child, Option<String>) {
+fn serve(dir: &Path, port: u16, fault: Option<&str>) -> (Child, Option<String>) {
     let mut command = Command::new(env!("CARGO_BIN_EXE_tally"));
     command
         .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--data-dir"])
@@ -22,8 +23,8 @@ fn serve(dir: &Path, port: u16, fault: bool) -> (Child, Option<String>) {
         .env("TALLY_LOG", "warn")
         .env_remove("TALLY_DATABASE_URL")
         .stdout(Stdio::piped());
-    if fault {
-        command.env("TALLY_FAULT", "abort_after_capture");
+    if let Some(fault) = fault {
+        command.env("TALLY_FAULT", fault);
     } else {
         command.env_remove("TALLY_FAULT");
     }
@@ -72,7 +73,7 @@ fn a_crash_between_capture_and_credit_credits_exactly_once_after_restart() {
     let port = free_port();
     let base = format!("http://127.0.0.1:{port}");
     let client = Client::builder().timeout(Duration::from_secs(10)).build().unwrap();
-    let (mut child, admin) = serve(dir.path(), port, true);
+    let (mut child, admin) = serve(dir.path(), port, Some("abort_after_capture"));
     let admin = admin.expect("the first start prints the admin key");
     let (status, org) =
         call(&client, "POST", format!("{base}/v1/organizations"), &admin, None, Some(json!({"name": "Acme"}))).unwrap();
@@ -108,7 +109,7 @@ fn a_crash_between_capture_and_credit_credits_exactly_once_after_restart() {
     let exit = child.wait().unwrap();
     assert!(!exit.success(), "the fault aborts the process");
 
-    let (mut child, _) = serve(dir.path(), port, false);
+    let (mut child, _) = serve(dir.path(), port, None);
     let started = Instant::now();
     let top_up = loop {
         let (_, list) =
@@ -135,4 +136,58 @@ fn a_crash_between_capture_and_credit_credits_exactly_once_after_restart() {
     let records = sandbox.records();
     assert_eq!(records.len(), 1, "{records:?}");
     assert_eq!(records[0].captured_minor, 2000);
+}
+
+#[test]
+fn a_crash_between_in_transit_and_the_rail_pays_out_exactly_once_after_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let base = format!("http://127.0.0.1:{port}");
+    let client = Client::builder().timeout(Duration::from_secs(10)).build().unwrap();
+    let (mut child, admin) = serve(dir.path(), port, Some("abort_before_rail"));
+    let admin = admin.expect("the first start prints the admin key");
+    let post = |path: &str, idempotency: Option<&str>, body: Value| {
+        call(&client, "POST", format!("{base}{path}"), &admin, idempotency, Some(body))
+    };
+    let (_, org) = post("/v1/organizations", None, json!({"name": "Shop"})).unwrap();
+    let org = org["id"].as_str().unwrap().to_string();
+    let billing = json!({"legal_name": "Shop", "email": "s@example.com", "country": "US", "region": "NY"});
+    call(&client, "PUT", format!("{base}/v1/organizations/{org}/billing-details"), &admin, None, Some(billing))
+        .unwrap();
+    let (_, wallet) = post(&format!("/v1/organizations/{org}/wallets"), None, json!({"currency": "USD"})).unwrap();
+    let wallet = wallet["id"].as_str().unwrap().to_string();
+    let credit = json!({"direction": "credit", "amount": "100.00", "currency": "USD", "reason": "sales"});
+    post(&format!("/v1/wallets/{wallet}/adjustments"), Some("fund"), credit).unwrap();
+    post(&format!("/v1/organizations/{org}/verification/submit"), None, json!({})).unwrap();
+    post(&format!("/v1/organizations/{org}/verification/approve"), None, json!({})).unwrap();
+    let account = json!({"country": "US", "currency": "USD", "holder_name": "Shop", "routing_number": "011000015",
+                         "account_number": "000123456789"});
+    let (status, account) = post(&format!("/v1/organizations/{org}/bank-accounts"), None, account).unwrap();
+    assert_eq!(status, 201, "{account}");
+    let account = account["id"].as_str().unwrap().to_string();
+    post(&format!("/v1/bank-accounts/{account}/verify"), None, json!({})).unwrap();
+    let body = json!({"wallet": wallet, "amount": "60.00", "bank_account": account});
+    let answer = post("/v1/payouts", Some("po-1"), body);
+    assert!(answer.is_err(), "the request must die with the process, got {answer:?}");
+    assert!(!child.wait().unwrap().success());
+
+    let (mut child, _) = serve(dir.path(), port, None);
+    let started = Instant::now();
+    loop {
+        let (_, list) = call(&client, "GET", format!("{base}/v1/payouts"), &admin, None, None).unwrap();
+        if list["data"][0]["status"] == "paid" {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "the payout was never finished: {list}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(1000));
+    let (_, list) = call(&client, "GET", format!("{base}/v1/payouts"), &admin, None, None).unwrap();
+    assert_eq!(list["data"].as_array().unwrap().len(), 1);
+    let (_, balance) = call(&client, "GET", format!("{base}/v1/wallets/{wallet}"), &admin, None, None).unwrap();
+    assert_eq!(balance["balance"], "40.00", "paid out exactly once");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let rail = tally_server::payouts::SandboxRail::open(&dir.path().join("tally.sandbox.db"), Duration::ZERO).unwrap();
+    assert_eq!(rail.records(), vec![("po_1".to_string(), 6000)], "the rail received it once");
 }
