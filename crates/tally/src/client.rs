@@ -142,6 +142,54 @@ pub enum ClientCommand {
         #[arg(long)]
         until: String,
     },
+    /// Top up a wallet through the payment provider (taxes are added).
+    TopUp {
+        wallet: String,
+        amount: String,
+        #[arg(long)]
+        payment_method: Option<String>,
+    },
+    /// Organization verification: submit (default), or as the platform --approve or
+    /// --reject REASON.
+    VerifyOrg {
+        organization: String,
+        #[arg(long)]
+        approve: bool,
+        #[arg(long)]
+        reject: Option<String>,
+    },
+    /// Add an external bank account: --iban, or (US) --routing-number and --account-number.
+    BankAccountAdd {
+        organization: String,
+        #[arg(long)]
+        country: String,
+        #[arg(long)]
+        currency: String,
+        #[arg(long)]
+        holder: String,
+        #[arg(long)]
+        iban: Option<String>,
+        #[arg(long)]
+        routing_number: Option<String>,
+        #[arg(long)]
+        account_number: Option<String>,
+    },
+    /// Verify a bank account: as the platform directly, or --send-deposits, or
+    /// --deposits A,B to confirm the two test deposits.
+    BankAccountVerify {
+        account: String,
+        #[arg(long)]
+        send_deposits: bool,
+        #[arg(long)]
+        deposits: Option<String>,
+    },
+    /// Pay out from a wallet to a verified bank account.
+    Payout {
+        wallet: String,
+        amount: String,
+        #[arg(long)]
+        bank_account: String,
+    },
 }
 
 pub fn run(args: ClientArgs, command: ClientCommand) -> anyhow::Result<()> {
@@ -234,6 +282,62 @@ pub fn run(args: ClientArgs, command: ClientCommand) -> anyhow::Result<()> {
         ClientCommand::Statement { wallet, from, until } => {
             ("GET", format!("/v1/wallets/{wallet}/statement?from={from}&until={until}"), None, false)
         }
+        ClientCommand::TopUp { wallet, amount, payment_method } => (
+            "POST",
+            format!("/v1/wallets/{wallet}/top-ups"),
+            Some(json!({"amount": amount, "payment_method": payment_method})),
+            true,
+        ),
+        ClientCommand::VerifyOrg { organization, approve, reject } => match (approve, reject) {
+            (true, None) => {
+                ("POST", format!("/v1/organizations/{organization}/verification/approve"), Some(json!({})), false)
+            }
+            (false, Some(reason)) => (
+                "POST",
+                format!("/v1/organizations/{organization}/verification/reject"),
+                Some(json!({"reason": reason})),
+                false,
+            ),
+            (false, None) => {
+                ("POST", format!("/v1/organizations/{organization}/verification/submit"), Some(json!({})), false)
+            }
+            (true, Some(_)) => anyhow::bail!("give --approve or --reject, not both"),
+        },
+        ClientCommand::BankAccountAdd {
+            organization,
+            country,
+            currency,
+            holder,
+            iban,
+            routing_number,
+            account_number,
+        } => (
+            "POST",
+            format!("/v1/organizations/{organization}/bank-accounts"),
+            Some(json!({"country": country, "currency": currency, "holder_name": holder, "iban": iban,
+                        "routing_number": routing_number, "account_number": account_number})),
+            false,
+        ),
+        ClientCommand::BankAccountVerify { account, send_deposits, deposits } => match (send_deposits, deposits) {
+            (true, None) => ("POST", format!("/v1/bank-accounts/{account}/test-deposits"), Some(json!({})), false),
+            (false, Some(deposits)) => {
+                let amounts: Vec<&str> = deposits.split(',').map(str::trim).collect();
+                (
+                    "POST",
+                    format!("/v1/bank-accounts/{account}/test-deposits/confirm"),
+                    Some(json!({"amounts": amounts})),
+                    false,
+                )
+            }
+            (false, None) => ("POST", format!("/v1/bank-accounts/{account}/verify"), Some(json!({})), false),
+            (true, Some(_)) => anyhow::bail!("give --send-deposits or --deposits, not both"),
+        },
+        ClientCommand::Payout { wallet, amount, bank_account } => (
+            "POST",
+            "/v1/payouts".to_string(),
+            Some(json!({"wallet": wallet, "amount": amount, "bank_account": bank_account})),
+            true,
+        ),
     };
     let client = reqwest::blocking::Client::new();
     let mut request =
