@@ -368,3 +368,78 @@ fn every_payment_change_makes_its_events_and_refusals_none() {
     });
     assert_eq!(w.run(too_much), vec![], "refused: more than was paid");
 }
+
+#[test]
+fn every_payout_change_makes_its_events_and_refusals_none() {
+    use tally_ledger::payments::ProviderOutcome;
+    use tally_ledger::payouts::*;
+    let mut w = World { state: State::new(Settings::default()), directory: Memory::default(), now: START };
+    let roles = Roles { merchant: true, consumer: false };
+    w.run(Command::CreateOrganization { name: "m".into(), roles });
+    w.run(Command::CreateWallet {
+        organization: OrganizationId(1),
+        currency: usd(),
+        low_balance_threshold: None,
+        additional: false,
+    });
+    w.run(mv("fund", credit(1, "100.00", None)));
+    let org = OrganizationId(1);
+    let submit = Command::payout(PayoutCommand::SubmitVerification { organization: org });
+    assert_eq!(w.run(submit.clone()), vec![], "refused: no billing details yet");
+    let billing = BillingDetails {
+        legal_name: "m".into(),
+        email: "m@example.com".into(),
+        address: String::new(),
+        country: "US".into(),
+        region: String::new(),
+        tax_id: String::new(),
+    };
+    assert_eq!(
+        w.run(Command::UpdateOrganization { organization: org, roles, billing: Some(billing) }),
+        vec![("organization.updated", Some(1))]
+    );
+    assert_eq!(w.run(submit), vec![("organization.verification_updated", Some(1))]);
+    let approve = PayoutCommand::DecideVerification { organization: org, approve: true, reason: String::new() };
+    assert_eq!(w.run(Command::payout(approve.clone())), vec![("organization.verification_updated", Some(1))]);
+    assert_eq!(w.run(Command::payout(approve)), vec![], "refused: not pending");
+    let account = NewBankAccount {
+        organization: org,
+        country: "US".into(),
+        currency: usd(),
+        holder_name: "m".into(),
+        last4: "6789".into(),
+        token: "btok".into(),
+    };
+    assert_eq!(
+        w.run(Command::payout(PayoutCommand::AddBankAccount { account })),
+        vec![("bank_account.created", Some(1))]
+    );
+    let start = PayoutCommand::StartDepositVerification { account: BankAccountId(1), deposits: (3, 4) };
+    assert_eq!(w.run(Command::payout(start)), vec![("bank_account.updated", Some(1))]);
+    let wrong = PayoutCommand::ConfirmDeposits { account: BankAccountId(1), deposits: (1, 1) };
+    assert_eq!(w.run(Command::payout(wrong)), vec![], "a wrong answer that changes no status says nothing");
+    let right = PayoutCommand::ConfirmDeposits { account: BankAccountId(1), deposits: (4, 3) };
+    assert_eq!(w.run(Command::payout(right)), vec![("bank_account.updated", Some(1))]);
+    let payout = |key: &str, amount: &str| {
+        Command::payout(PayoutCommand::CreatePayout {
+            key: IdempotencyKey::new("t", key).unwrap(),
+            actor: None,
+            wallet: WalletId(1),
+            amount: money(amount),
+            bank_account: BankAccountId(1),
+        })
+    };
+    assert_eq!(w.run(payout("p1", "200.00")), vec![], "refused: more than available");
+    assert_eq!(w.run(payout("p1", "60.00")), vec![("payout.created", Some(1)), ("operation.created", Some(1))]);
+    assert_eq!(w.run(payout("p1", "60.00")), vec![], "a repeat is the same payout");
+    let settle = |id: u64, outcome| Command::payout(PayoutCommand::SettlePayout { payout: PayoutId(id), outcome });
+    assert_eq!(w.run(settle(1, ProviderOutcome::Succeeded { reference: "r".into() })), vec![("payout.paid", Some(1))]);
+    assert_eq!(w.run(payout("p2", "10.00")), vec![("payout.created", Some(1)), ("operation.created", Some(1))]);
+    let failed = ProviderOutcome::Failed { code: "account_closed".into(), message: "closed".into() };
+    assert_eq!(
+        w.run(settle(2, failed.clone())),
+        vec![("payout.failed", Some(1)), ("operation.created", Some(1))],
+        "the money coming back is an operation"
+    );
+    assert_eq!(w.run(settle(2, failed)), vec![], "a late answer says nothing");
+}
