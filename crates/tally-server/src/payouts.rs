@@ -256,7 +256,7 @@ pub fn aba_routing_valid(routing: &str) -> bool {
         return false;
     }
     let d: Vec<u32> = routing.bytes().map(|b| u32::from(b - b'0')).collect();
-    (3 * (d[0] + d[3] + d[6]) + 7 * (d[1] + d[4] + d[7]) + (d[2] + d[5] + d[8])) % 10 == 0
+    (3 * (d[0] + d[3] + d[6]) + 7 * (d[1] + d[4] + d[7]) + (d[2] + d[5] + d[8])).is_multiple_of(10)
 }
 
 // ---- views ----
