@@ -581,7 +581,7 @@ async fn create_payout(AxumState(app): App, headers: HeaderMap, ApiJson(body): A
     };
     let id = payout.id;
     if payout.status == PaymentStatus::Pending {
-        drive_payout(&app, id).await;
+        drive_payout(&app, id, true).await;
     }
     let view = app.read(move |state| state.payouts.payout(id).map(payout_view)).await?.unwrap_or(Value::Null);
     let mut response = (StatusCode::CREATED, Json(view)).into_response();
@@ -695,10 +695,16 @@ async fn set_minimum(AxumState(app): App, headers: HeaderMap, ApiJson(body): Api
 // ---- the driver ----
 
 /// Sends a pending payout to the rail (or finds it there) and records the answer.
-pub(crate) async fn drive_payout(app: &Arc<AppState>, id: PayoutId) {
+pub(crate) async fn drive_payout(app: &Arc<AppState>, id: PayoutId, wait: bool) {
     let Some(service) = app.payouts.clone() else { return };
-    if !service.driving.lock().expect("driving lock").insert(id) {
-        return;
+    // When the worker is already driving it (a fresh payout), a request waits for it,
+    // so that it answers with the outcome.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !service.driving.lock().expect("driving lock").insert(id) {
+        if !wait || std::time::Instant::now() > deadline {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
     struct Done<'a>(&'a PayoutService, PayoutId);
     impl Drop for Done<'_> {
@@ -779,7 +785,7 @@ pub fn spawn_worker(app: Arc<AppState>) -> Option<tokio::task::JoinHandle<()>> {
                 }
             }
             for id in pending {
-                drive_payout(&app, id).await;
+                drive_payout(&app, id, false).await;
             }
         }
     }))

@@ -358,21 +358,67 @@ async fn round(app: &Arc<AppState>, webhooks: &Arc<Webhooks>) -> Result<bool, St
 }
 
 /// Starts the delivery task, if webhooks are enabled; it runs until aborted.
+/// Starts delivery on its own thread, with its own single-threaded runtime, at a
+/// lower scheduling priority: deliveries are background work and must never take CPU
+/// from requests and the engine when the machine is saturated (they catch up when it
+/// is not). The returned task stands for the thread: aborting it stops delivery.
 pub fn spawn_dispatcher(app: Arc<AppState>) -> Option<tokio::task::JoinHandle<()>> {
     let webhooks = app.webhooks.clone()?;
-    Some(tokio::spawn(async move {
-        loop {
-            match round(&app, &webhooks).await {
-                Ok(true) => continue,
-                Ok(false) => {}
-                Err(error) => tracing::error!(%error, "webhook delivery round failed"),
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let (done, finished) = tokio::sync::oneshot::channel::<()>();
+    let thread = std::thread::Builder::new().name("tally-webhooks".into()).spawn(move || {
+        lower_priority();
+        let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            Ok(runtime) => runtime,
+            Err(error) => {
+                tracing::error!(%error, "webhook delivery could not start its runtime");
+                return;
             }
+        };
+        runtime.block_on(async move {
             tokio::select! {
-                _ = tokio::time::sleep(POLL_INTERVAL) => {}
-                _ = webhooks.wake.notified() => {}
+                _ = deliver_forever(&app, &webhooks) => {}
+                _ = stopped => {}
             }
-        }
+        });
+        let _ = done.send(());
+    });
+    if let Err(error) = thread {
+        tracing::error!(%error, "webhook delivery thread could not start");
+        return None;
+    }
+    Some(tokio::spawn(async move {
+        // Holding `stop` keeps delivery running; dropping it (abort) stops the thread.
+        let _stop = stop;
+        let _ = finished.await;
     }))
+}
+
+async fn deliver_forever(app: &Arc<AppState>, webhooks: &Arc<Webhooks>) {
+    loop {
+        match round(app, webhooks).await {
+            Ok(true) => continue,
+            Ok(false) => {}
+            Err(error) => tracing::error!(%error, "webhook delivery round failed"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(POLL_INTERVAL) => {}
+            _ = webhooks.wake.notified() => {}
+        }
+    }
+}
+
+/// Lowers the calling thread's scheduling priority (Linux: nice 10 for this thread only).
+fn lower_priority() {
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: setpriority only reads its integer arguments; on Linux, PRIO_PROCESS
+        // with id 0 names the calling thread.
+        let result = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 10) };
+        if result != 0 {
+            tracing::warn!("could not lower the webhook delivery thread's priority");
+        }
+    }
 }
 
 // ---- API ----

@@ -87,6 +87,21 @@ impl Payments {
         Some(Driving(self, key.to_string()))
     }
 
+    /// Like `begin`, but when another task is driving the record (the worker picked up
+    /// a fresh one), waits for it to finish, so a request answers with the outcome.
+    async fn begin_or_wait(&self, key: &str, wait: bool) -> Option<Driving<'_>> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(driving) = self.begin(key) {
+                return Some(driving);
+            }
+            if !wait || Instant::now() > deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
     /// Whether a pending record is due to be asked about (never tried by this process,
     /// or not for `retry_after`).
     fn due(&self, key: &str) -> bool {
@@ -658,7 +673,7 @@ async fn create_top_up(
     };
     let id = top_up.id;
     if top_up.status == PaymentStatus::Pending {
-        drive_top_up(&app, id).await;
+        drive_top_up(&app, id, true).await;
     }
     let view = app.read(move |state| state.payments.top_up(id).map(top_up_view)).await?.unwrap_or(Value::Null);
     let mut response = (StatusCode::CREATED, Json(view)).into_response();
@@ -890,7 +905,7 @@ async fn create_checkout(AxumState(app): App, headers: HeaderMap, ApiJson(body):
     };
     let id = checkout.id;
     if checkout.status == PaymentStatus::Pending {
-        drive_checkout(&app, id).await;
+        drive_checkout(&app, id, true).await;
     }
     let view = app.read(move |state| state.payments.checkout(id).map(checkout_view)).await?.unwrap_or(Value::Null);
     let mut response = (StatusCode::CREATED, Json(view)).into_response();
@@ -961,7 +976,7 @@ async fn refund_answer(app: &Arc<AppState>, command: PaymentCommand) -> ApiResul
     };
     let id = refund.id;
     if refund.status == PaymentStatus::Pending {
-        drive_refund(app, id).await;
+        drive_refund(app, id, true).await;
     }
     let view = app.read(move |state| state.payments.refunds.get(id.0 as usize - 1).map(refund_view)).await?;
     let mut response = (StatusCode::CREATED, Json(view.unwrap_or(Value::Null))).into_response();
@@ -1070,19 +1085,19 @@ async fn stripe_webhook(AxumState(app): App, headers: HeaderMap, body: Bytes) ->
     let tally_id = event["data"]["object"]["metadata"]["tally_id"].as_str().unwrap_or_default();
     if let Some(top_up) = TopUpId::parse(tally_id) {
         let app = app.clone();
-        tokio::spawn(async move { drive_top_up(&app, top_up).await });
+        tokio::spawn(async move { drive_top_up(&app, top_up, false).await });
     } else if let Some(checkout) = CheckoutId::parse(tally_id) {
         let app = app.clone();
-        tokio::spawn(async move { drive_checkout(&app, checkout).await });
+        tokio::spawn(async move { drive_checkout(&app, checkout, false).await });
     }
     Ok(ok(json!({"received": true})))
 }
 
 /// Asks the provider to refund a pending top-up refund (idempotent by the refund's id).
-pub(crate) async fn drive_refund(app: &Arc<AppState>, id: RefundId) {
+pub(crate) async fn drive_refund(app: &Arc<AppState>, id: RefundId, wait: bool) {
     let Some(payments) = app.payments.clone() else { return };
     let key = id.to_string();
-    let Some(_driving) = payments.begin(&key) else { return };
+    let Some(_driving) = payments.begin_or_wait(&key, wait).await else { return };
     let found = app
         .read(move |state| {
             let refund = state.payments.refunds.get(usize::try_from(id.0).ok()?.checked_sub(1)?)?.clone();
@@ -1167,10 +1182,10 @@ fn minor_units(units: i128, currency: Currency) -> i64 {
 
 /// Drives a pending top-up as far as the provider allows; errors are logged and the
 /// worker tries again later.
-pub(crate) async fn drive_top_up(app: &Arc<AppState>, id: TopUpId) {
+pub(crate) async fn drive_top_up(app: &Arc<AppState>, id: TopUpId, wait: bool) {
     let Some(payments) = app.payments.clone() else { return };
     let key = id.to_string();
-    let Some(_driving) = payments.begin(&key) else { return };
+    let Some(_driving) = payments.begin_or_wait(&key, wait).await else { return };
     let found = app
         .read(move |state| {
             let top_up = state.payments.top_up(id)?.clone();
@@ -1207,10 +1222,10 @@ pub(crate) async fn drive_top_up(app: &Arc<AppState>, id: TopUpId) {
     }
 }
 
-pub(crate) async fn drive_checkout(app: &Arc<AppState>, id: CheckoutId) {
+pub(crate) async fn drive_checkout(app: &Arc<AppState>, id: CheckoutId, wait: bool) {
     let Some(payments) = app.payments.clone() else { return };
     let key = id.to_string();
-    let Some(_driving) = payments.begin(&key) else { return };
+    let Some(_driving) = payments.begin_or_wait(&key, wait).await else { return };
     let found = app
         .read(move |state| {
             let checkout = state.payments.checkout(id)?.clone();
@@ -1327,9 +1342,9 @@ fn spawn_drive(app: &Arc<AppState>, payments: &Arc<Payments>, pending: Pending) 
     let (app, payments) = (app.clone(), payments.clone());
     tokio::spawn(async move {
         match pending {
-            Pending::TopUp(id) => drive_top_up(&app, id).await,
-            Pending::Checkout(id) => drive_checkout(&app, id).await,
-            Pending::Refund(id) => drive_refund(&app, id).await,
+            Pending::TopUp(id) => drive_top_up(&app, id, false).await,
+            Pending::Checkout(id) => drive_checkout(&app, id, false).await,
+            Pending::Refund(id) => drive_refund(&app, id, false).await,
         }
         payments.drives.add_permits(1);
     });
