@@ -43,6 +43,18 @@ if [ -z "${ONLY:-}" ] || [ "$ONLY" = single ]; then
 echo "== single usage events: wrk -t2 -c64 -d$DURATION --latency -s bench/http/usage.lua"
 wrk -t2 -c64 -d"$DURATION" --latency -s bench/http/usage.lua "http://127.0.0.1:$PORT" | grep -E "Latency|50%|99%|Requests/sec|requests in|Non-2xx|unexpected" | head -12
 fi
+if [ -n "${WEBHOOK_URL:-}" ]; then
+  # Deliveries run behind requests (a lower-priority thread): report how far behind
+  # they were when the load stopped, and how long they took to catch up.
+  metric() { curl -s "http://127.0.0.1:$PORT/metrics" | awk -v m="$1" '$1 ~ "^"m {s+=$2} END {print s+0}'; }
+  echo "== webhooks when the load stopped: delivered $(metric 'tally_webhook_deliveries_total{outcome="delivered"') backlog $(metric tally_webhook_backlog)"
+  start=$(date +%s.%N)
+  for _ in $(seq 600); do
+    [ "$(metric tally_webhook_backlog)" = 0 ] && break
+    sleep 0.5
+  done
+  echo "== webhooks caught up in $(awk -v a="$start" -v b="$(date +%s.%N)" 'BEGIN {printf "%.1f", b - a}') s: delivered $(metric 'tally_webhook_deliveries_total{outcome="delivered"') backlog $(metric tally_webhook_backlog)"
+fi
 if [ -z "${ONLY:-}" ] || [ "$ONLY" = access ]; then
 echo "== access checks: wrk -t2 -c64 -d$DURATION --latency -s bench/http/access-check.lua"
 wrk -t2 -c64 -d"$DURATION" --latency -s bench/http/access-check.lua "http://127.0.0.1:$PORT" | grep -E "Latency|50%|99%|Requests/sec|requests in|Non-2xx|unexpected" | head -12
