@@ -7,6 +7,7 @@ mod api_keys;
 mod check;
 mod codec;
 pub mod events;
+mod postgres;
 mod projector;
 mod sqlite;
 pub mod webhooks;
@@ -14,6 +15,7 @@ pub mod webhooks;
 pub use api_keys::{ApiKeyRecord, ApiKeys};
 pub use check::{deep_check, CheckReport};
 pub use codec::{decode_commands, decode_receipts, FORMAT_VERSION};
+pub use postgres::PostgresStore;
 pub use projector::{
     ChargeDetail, EventFilter, EventRow, HistoryReader, Movement, MovementFilter, Projector, UsageRecord, PAGE_SIZE_MAX,
 };
@@ -25,6 +27,8 @@ use tally_ledger::{Command, Receipt, State, Timestamp};
 pub enum StoreError {
     #[error("database error: {0}")]
     Database(#[from] rusqlite::Error),
+    #[error("PostgreSQL error: {0}")]
+    Postgres(String),
     #[error("a stored value has the wrong type: {0}")]
     WrongType(#[from] rusqlite::types::FromSqlError),
     #[error("could not decode stored record {what} at journal sequence {seq}: {detail}")]

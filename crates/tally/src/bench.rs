@@ -65,6 +65,10 @@ pub struct BenchArgs {
     /// Run the history projector beside the engine, as `tally serve` does.
     #[arg(long, default_value_t = false)]
     history: bool,
+    /// Journal to PostgreSQL instead of SQLite (`postgres://user@host/db`); the bench
+    /// works in its own schema, `tally_bench`, dropped first.
+    #[arg(long)]
+    postgres_url: Option<String>,
     /// Print one JSON object per workload instead of a table.
     #[arg(long)]
     json: bool,
@@ -562,7 +566,6 @@ fn start_engine(
     args: &BenchArgs,
     snapshot_on_shutdown: bool,
 ) -> anyhow::Result<(Engine, Option<Arc<Projector>>)> {
-    let store = SqliteStore::open(path)?;
     let projector = if args.history { Some(Arc::new(Projector::spawn(path)?)) } else { None };
     let notify = projector.clone();
     let config = EngineConfig {
@@ -573,7 +576,15 @@ fn start_engine(
     };
     let on_commit: Option<tally_engine::OnCommit> =
         notify.map(|p| Box::new(move |_| p.notify()) as tally_engine::OnCommit);
-    let engine = Engine::start(store, Arc::new(SystemClock), config, on_commit)?;
+    let engine = match &args.postgres_url {
+        Some(url) => {
+            ensure!(!args.history, "--history projects from the SQLite journal; it does not run with --postgres-url");
+            tally_store::PostgresStore::drop_schema(url, "tally_bench")?;
+            let store = tally_store::PostgresStore::open_in_schema(url, Some("tally_bench"))?;
+            Engine::start(store, Arc::new(SystemClock), config, on_commit)?
+        }
+        None => Engine::start(SqliteStore::open(path)?, Arc::new(SystemClock), config, on_commit)?,
+    };
     Ok((engine, projector))
 }
 
@@ -609,6 +620,7 @@ fn run_engine(args: &BenchArgs, world: &World, workloads: &[Workload]) -> anyhow
     engine.shutdown();
     drop(projector);
     if restart {
+        ensure!(args.postgres_url.is_none(), "the restart workload measures the SQLite store");
         let started = Instant::now();
         let mut store = SqliteStore::open(&path)?;
         let loaded = tally_store::Store::load(&mut store)?;
@@ -777,7 +789,7 @@ fn drive(args: &BenchArgs, world: &World, handle: &Handle, workload: Workload, w
     let quantile = |q: f64| latencies.value_at_quantile(q) as f64 / 1000.0;
     Ok(Report {
         workload: workload_name(workload),
-        storage: "on".into(),
+        storage: if args.postgres_url.is_some() { "pg".into() } else { "on".into() },
         operations: args.operations,
         errors: tally.errors.load(Ordering::Relaxed),
         ops_per_s: args.operations as f64 / elapsed.as_secs_f64(),

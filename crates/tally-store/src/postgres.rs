@@ -1,0 +1,222 @@
+//! The PostgreSQL store: the same journal and snapshots as the SQLite store, in one
+//! database that several nodes can reach. A commit is one transaction with one
+//! statement for all of its batches (`unnest` over arrays), so a commit costs one
+//! round trip and one WAL flush however many batches it carries.
+
+use crate::codec::{self, FORMAT_VERSION};
+use crate::{JournalBatch, Loaded, Store, StoreError};
+use postgres::{Client, NoTls};
+use tally_ledger::{Command, Receipt, Settings, State, Timestamp};
+
+/// Schema migrations, applied in order; the index + 1 is the schema version.
+const MIGRATIONS: &[&str] = &["CREATE TABLE journal (
+        seq BIGINT PRIMARY KEY,
+        at BIGINT NOT NULL,
+        format INT NOT NULL,
+        command_count INT NOT NULL,
+        commands BYTEA NOT NULL,
+        receipts BYTEA NOT NULL
+    );
+    CREATE TABLE snapshots (
+        seq BIGINT PRIMARY KEY,
+        format INT NOT NULL,
+        state BYTEA NOT NULL
+    );"];
+
+/// Snapshots kept besides the newest.
+const SNAPSHOTS_KEPT: i64 = 2;
+
+pub struct PostgresStore {
+    client: Client,
+}
+
+fn database(error: postgres::Error) -> StoreError {
+    StoreError::Postgres(error.to_string())
+}
+
+impl PostgresStore {
+    /// Connects to `url` (`postgres://user@host:port/database`) and brings the schema up
+    /// to date, in the database's default schema.
+    pub fn open(url: &str) -> Result<PostgresStore, StoreError> {
+        PostgresStore::open_in_schema(url, None)
+    }
+
+    /// The same, with every table in `schema` (created if missing): tests use one schema
+    /// each, so they share the machine's database without seeing each other.
+    pub fn open_in_schema(url: &str, schema: Option<&str>) -> Result<PostgresStore, StoreError> {
+        let mut client = Client::connect(url, NoTls).map_err(database)?;
+        if let Some(schema) = schema {
+            if !schema.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_') {
+                return Err(StoreError::Postgres(format!("schema name {schema:?}: use [a-z0-9_]")));
+            }
+            client
+                .batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {schema}; SET search_path TO {schema}"))
+                .map_err(database)?;
+        }
+        let mut store = PostgresStore { client };
+        store.migrate()?;
+        Ok(store)
+    }
+
+    /// Drops a schema made by `open_in_schema` (tests clean up after themselves).
+    pub fn drop_schema(url: &str, schema: &str) -> Result<(), StoreError> {
+        if !schema.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_') {
+            return Err(StoreError::Postgres(format!("schema name {schema:?}: use [a-z0-9_]")));
+        }
+        let mut client = Client::connect(url, NoTls).map_err(database)?;
+        client.batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE")).map_err(database)
+    }
+
+    fn migrate(&mut self) -> Result<(), StoreError> {
+        let mut transaction = self.client.transaction().map_err(database)?;
+        transaction
+            .batch_execute(
+                "CREATE TABLE IF NOT EXISTS tally_schema (version INT NOT NULL);
+                 LOCK TABLE tally_schema IN EXCLUSIVE MODE;",
+            )
+            .map_err(database)?;
+        let version: i32 = transaction
+            .query_opt("SELECT version FROM tally_schema", &[])
+            .map_err(database)?
+            .map_or(0, |row| row.get(0));
+        for (index, migration) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+            transaction.batch_execute(migration).map_err(database)?;
+            let version = index as i32 + 1;
+            transaction.execute("DELETE FROM tally_schema", &[]).map_err(database)?;
+            transaction.execute("INSERT INTO tally_schema (version) VALUES ($1)", &[&version]).map_err(database)?;
+        }
+        transaction.commit().map_err(database)
+    }
+
+    /// The newest durable journal sequence.
+    pub fn last_seq(&mut self) -> Result<u64, StoreError> {
+        let row = self.client.query_one("SELECT COALESCE(MAX(seq), 0) FROM journal", &[]).map_err(database)?;
+        Ok(row.get::<_, i64>(0) as u64)
+    }
+
+    /// Calls `visit` with every journal record from `from_seq` on, in order, reading in
+    /// pages so a long journal is never held in memory at once.
+    pub fn scan_journal(
+        &mut self,
+        from_seq: u64,
+        mut visit: impl FnMut(u64, Timestamp, Vec<Command>, &[u8]) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        const PAGE: i64 = 1_000;
+        let mut next = from_seq as i64;
+        loop {
+            let rows = self
+                .client
+                .query(
+                    "SELECT seq, at, format, commands, receipts FROM journal WHERE seq >= $1 ORDER BY seq LIMIT $2",
+                    &[&next, &PAGE],
+                )
+                .map_err(database)?;
+            for row in &rows {
+                let seq = row.get::<_, i64>(0) as u64;
+                let format = row.get::<_, i32>(2) as u32;
+                if format > FORMAT_VERSION {
+                    return Err(StoreError::NewerFormat { found: format, supported: FORMAT_VERSION });
+                }
+                let commands = codec::decode_commands(row.get::<_, &[u8]>(3), seq)?;
+                visit(seq, row.get(1), commands, row.get::<_, &[u8]>(4))?;
+                next = seq as i64 + 1;
+            }
+            if (rows.len() as i64) < PAGE {
+                return Ok(());
+            }
+        }
+    }
+
+    fn latest_snapshot(&mut self) -> Result<Option<(u64, State)>, StoreError> {
+        let row = self
+            .client
+            .query_opt("SELECT seq, format, state FROM snapshots ORDER BY seq DESC LIMIT 1", &[])
+            .map_err(database)?;
+        let Some(row) = row else { return Ok(None) };
+        let (seq, format) = (row.get::<_, i64>(0) as u64, row.get::<_, i32>(1) as u32);
+        if format > FORMAT_VERSION {
+            return Err(StoreError::NewerFormat { found: format, supported: FORMAT_VERSION });
+        }
+        Ok(Some((seq, codec::decode_state(row.get::<_, &[u8]>(2), seq)?)))
+    }
+}
+
+impl Store for PostgresStore {
+    fn load(&mut self) -> Result<Loaded, StoreError> {
+        let (mut seq, mut state) = self.latest_snapshot()?.unwrap_or((0, State::new(Settings::default())));
+        let mut replayed_batches = 0;
+        let mut replayed_commands = 0;
+        self.scan_journal(seq + 1, |batch_seq, at, commands, _| {
+            if batch_seq != seq + 1 {
+                return Err(StoreError::ReplayDiverged {
+                    seq: batch_seq,
+                    detail: format!("expected sequence {}", seq + 1),
+                });
+            }
+            for command in &commands {
+                if let Err(rejection) = state.apply(command, at) {
+                    return Err(StoreError::ReplayDiverged {
+                        seq: batch_seq,
+                        detail: format!("a journaled command was rejected on replay: {}", rejection.code()),
+                    });
+                }
+            }
+            replayed_batches += 1;
+            replayed_commands += commands.len() as u64;
+            seq = batch_seq;
+            Ok(())
+        })?;
+        let problems = state.check_invariants();
+        if !problems.is_empty() {
+            return Err(StoreError::Invariants(problems));
+        }
+        Ok(Loaded { state, seq, replayed_batches, replayed_commands })
+    }
+
+    fn commit(&mut self, batches: &[JournalBatch<'_>]) -> Result<(), StoreError> {
+        let mut seqs = Vec::with_capacity(batches.len());
+        let mut ats = Vec::with_capacity(batches.len());
+        let mut formats = Vec::with_capacity(batches.len());
+        let mut counts = Vec::with_capacity(batches.len());
+        let mut commands = Vec::with_capacity(batches.len());
+        let mut receipts = Vec::with_capacity(batches.len());
+        for batch in batches {
+            let batch_commands: Vec<&Command> = batch.entries.iter().map(|(command, _)| *command).collect();
+            let batch_receipts: Vec<&Receipt> = batch.entries.iter().map(|(_, receipt)| *receipt).collect();
+            seqs.push(batch.seq as i64);
+            ats.push(batch.at);
+            formats.push(FORMAT_VERSION as i32);
+            counts.push(batch.entries.len() as i32);
+            commands.push(codec::encode(&batch_commands));
+            receipts.push(codec::encode(&batch_receipts));
+        }
+        // One statement for every batch; the transaction commits all or nothing.
+        let mut transaction = self.client.transaction().map_err(database)?;
+        transaction
+            .execute(
+                "INSERT INTO journal (seq, at, format, command_count, commands, receipts)
+                 SELECT * FROM unnest($1::BIGINT[], $2::BIGINT[], $3::INT[], $4::INT[], $5::BYTEA[], $6::BYTEA[])",
+                &[&seqs, &ats, &formats, &counts, &commands, &receipts],
+            )
+            .map_err(database)?;
+        transaction.commit().map_err(database)
+    }
+
+    fn write_snapshot(&mut self, seq: u64, encoded: &[u8]) -> Result<(), StoreError> {
+        let mut transaction = self.client.transaction().map_err(database)?;
+        transaction
+            .execute(
+                "INSERT INTO snapshots (seq, format, state) VALUES ($1, $2, $3)
+                 ON CONFLICT (seq) DO UPDATE SET format = EXCLUDED.format, state = EXCLUDED.state",
+                &[&(seq as i64), &(FORMAT_VERSION as i32), &encoded],
+            )
+            .map_err(database)?;
+        transaction
+            .execute(
+                "DELETE FROM snapshots WHERE seq NOT IN (SELECT seq FROM snapshots ORDER BY seq DESC LIMIT $1)",
+                &[&(SNAPSHOTS_KEPT + 1)],
+            )
+            .map_err(database)?;
+        transaction.commit().map_err(database)
+    }
+}
