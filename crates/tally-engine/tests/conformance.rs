@@ -329,3 +329,55 @@ fn sqlite_and_postgres_give_the_same_answers_and_state() {
     assert_eq!(pg_repeats, repeats);
     assert!(pg_state == state, "PostgreSQL and SQLite load the same state");
 }
+
+/// Fencing: a writer whose lease lapsed (as if paused) and was taken over can never
+/// commit again; the new writer loads everything the old one committed.
+#[test]
+fn a_writer_that_lost_its_lease_commits_nothing() {
+    let Some(url) = postgres_url() else { return };
+    let schema = format!("tally_fencing_{}", std::process::id());
+    PostgresStore::drop_schema(&url, &schema).unwrap();
+    let open = || PostgresStore::open_in_schema(&url, Some(&schema)).unwrap();
+    let clock = Arc::new(ManualClock::new(START));
+    let mut first = open();
+    assert_eq!(first.acquire_lease("node-a", 300).unwrap(), Some(1));
+    assert_eq!(first.acquire_lease("node-a", 300).unwrap(), Some(1), "the holder keeps its epoch");
+    let engine_a = Engine::start(first, clock.clone(), EngineConfig::default(), None).unwrap();
+    let a = engine_a.handle();
+    a.execute(Command::CreateOrganization { name: "o".into(), roles: Roles::default() }).unwrap();
+    a.execute(Command::CreateWallet {
+        organization: OrganizationId(1),
+        currency: usd(),
+        low_balance_threshold: None,
+        additional: false,
+    })
+    .unwrap();
+    a.execute(mv("a1", credit(1, "10.00", None))).unwrap();
+    let mut second = open();
+    assert_eq!(second.acquire_lease("node-b", 300).unwrap(), None, "held by node-a");
+    // node-a stops renewing (paused); once the lease lapses node-b takes over.
+    std::thread::sleep(std::time::Duration::from_millis(400));
+    assert_eq!(second.acquire_lease("node-b", 300).unwrap(), Some(2));
+    let lease = second.lease().unwrap().unwrap();
+    assert_eq!((lease.holder.as_str(), lease.epoch), ("node-b", 2));
+    let engine_b = Engine::start(second, clock.clone(), EngineConfig::default(), None).unwrap();
+    let b = engine_b.handle();
+    assert_eq!(
+        b.read(|s| s.wallet(WalletId(1)).unwrap().balance().format(2)).unwrap(),
+        "10.00",
+        "node-b loaded a's commits"
+    );
+    b.execute(mv("b1", credit(1, "5.00", None))).unwrap();
+    // node-a resumes: its next commit is refused, and its answer says so.
+    let late = a.execute(mv("a2", credit(1, "1000.00", None)));
+    assert!(late.is_err(), "a fenced writer must not commit: {late:?}");
+    engine_a.shutdown();
+    engine_b.shutdown();
+    let loaded = open().load().unwrap();
+    assert_eq!(
+        loaded.state.wallet(WalletId(1)).unwrap().balance().format(2),
+        "15.00",
+        "nothing from the fenced writer"
+    );
+    PostgresStore::drop_schema(&url, &schema).unwrap();
+}

@@ -15,7 +15,7 @@ pub mod webhooks;
 pub use api_keys::{ApiKeyRecord, ApiKeys};
 pub use check::{deep_check, CheckReport};
 pub use codec::{decode_commands, decode_receipts, FORMAT_VERSION};
-pub use postgres::PostgresStore;
+pub use postgres::{Lease, PostgresStore};
 pub use projector::{
     ChargeDetail, EventFilter, EventRow, HistoryReader, Movement, MovementFilter, Projector, UsageRecord, PAGE_SIZE_MAX,
 };
@@ -29,6 +29,8 @@ pub enum StoreError {
     Database(#[from] rusqlite::Error),
     #[error("PostgreSQL error: {0}")]
     Postgres(String),
+    #[error("fenced: {holder} no longer holds the writer's lease at epoch {epoch}; another node took over")]
+    Fenced { holder: String, epoch: i64 },
     #[error("a stored value has the wrong type: {0}")]
     WrongType(#[from] rusqlite::types::FromSqlError),
     #[error("could not decode stored record {what} at journal sequence {seq}: {detail}")]

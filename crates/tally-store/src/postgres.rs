@@ -9,7 +9,8 @@ use postgres::{Client, NoTls};
 use tally_ledger::{Command, Receipt, Settings, State, Timestamp};
 
 /// Schema migrations, applied in order; the index + 1 is the schema version.
-const MIGRATIONS: &[&str] = &["CREATE TABLE journal (
+const MIGRATIONS: &[&str] = &[
+    "CREATE TABLE journal (
         seq BIGINT PRIMARY KEY,
         at BIGINT NOT NULL,
         format INT NOT NULL,
@@ -21,13 +22,34 @@ const MIGRATIONS: &[&str] = &["CREATE TABLE journal (
         seq BIGINT PRIMARY KEY,
         format INT NOT NULL,
         state BYTEA NOT NULL
-    );"];
+    );",
+    // The writer's lease: one row; a node that takes it over bumps the epoch.
+    "CREATE TABLE tally_lease (
+        id INT PRIMARY KEY CHECK (id = 1),
+        holder TEXT NOT NULL,
+        epoch BIGINT NOT NULL,
+        expires_at TIMESTAMPTZ NOT NULL
+    );",
+];
 
 /// Snapshots kept besides the newest.
 const SNAPSHOTS_KEPT: i64 = 2;
 
 pub struct PostgresStore {
     client: Client,
+    /// With a lease: every commit first checks, in its own transaction, that this
+    /// holder and epoch still hold it (fencing), so a writer that lost its lease can
+    /// never commit.
+    lease: Option<(String, i64)>,
+}
+
+/// The writer's lease as the database holds it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Lease {
+    pub holder: String,
+    pub epoch: i64,
+    /// Milliseconds until it expires (negative: expired), by the database's clock.
+    pub remaining_ms: i64,
 }
 
 fn database(error: postgres::Error) -> StoreError {
@@ -53,7 +75,7 @@ impl PostgresStore {
                 .batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {schema}; SET search_path TO {schema}"))
                 .map_err(database)?;
         }
-        let mut store = PostgresStore { client };
+        let mut store = PostgresStore { client, lease: None };
         store.migrate()?;
         Ok(store)
     }
@@ -86,6 +108,58 @@ impl PostgresStore {
             transaction.execute("INSERT INTO tally_schema (version) VALUES ($1)", &[&version]).map_err(database)?;
         }
         transaction.commit().map_err(database)
+    }
+
+    /// Takes the writer's lease for `holder` if it is free or expired (bumping the
+    /// epoch), or keeps it if `holder` has it. Times are the database's, so nodes'
+    /// clocks do not matter. Returns the epoch held, or None when another node holds it.
+    pub fn acquire_lease(&mut self, holder: &str, lease_ms: i64) -> Result<Option<i64>, StoreError> {
+        let row = self
+            .client
+            .query_opt(
+                "INSERT INTO tally_lease (id, holder, epoch, expires_at)
+                 VALUES (1, $1, 1, now() + $2 * interval '1 millisecond')
+                 ON CONFLICT (id) DO UPDATE SET
+                     holder = EXCLUDED.holder,
+                     epoch = CASE WHEN tally_lease.holder = EXCLUDED.holder AND tally_lease.expires_at > now()
+                                  THEN tally_lease.epoch ELSE tally_lease.epoch + 1 END,
+                     expires_at = EXCLUDED.expires_at
+                 WHERE tally_lease.expires_at <= now() OR tally_lease.holder = EXCLUDED.holder
+                 RETURNING epoch",
+                &[&holder, &(lease_ms as f64)],
+            )
+            .map_err(database)?;
+        let epoch = row.map(|row| row.get::<_, i64>(0));
+        if let Some(epoch) = epoch {
+            self.lease = Some((holder.to_string(), epoch));
+        }
+        Ok(epoch)
+    }
+
+    /// Extends the lease this store holds; false when it was lost (taken over).
+    pub fn renew_lease(&mut self, lease_ms: i64) -> Result<bool, StoreError> {
+        let Some((holder, epoch)) = self.lease.clone() else { return Ok(false) };
+        let renewed = self
+            .client
+            .execute(
+                "UPDATE tally_lease SET expires_at = now() + $3 * interval '1 millisecond'
+                 WHERE id = 1 AND holder = $1 AND epoch = $2",
+                &[&holder, &epoch, &(lease_ms as f64)],
+            )
+            .map_err(database)?;
+        Ok(renewed == 1)
+    }
+
+    /// The lease as the database has it now.
+    pub fn lease(&mut self) -> Result<Option<Lease>, StoreError> {
+        let row = self
+            .client
+            .query_opt(
+                "SELECT holder, epoch, (EXTRACT(EPOCH FROM (expires_at - now())) * 1000)::BIGINT FROM tally_lease",
+                &[],
+            )
+            .map_err(database)?;
+        Ok(row.map(|row| Lease { holder: row.get(0), epoch: row.get(1), remaining_ms: row.get(2) }))
     }
 
     /// The newest durable journal sequence.
@@ -192,6 +266,7 @@ impl Store for PostgresStore {
         }
         // One statement for every batch; the transaction commits all or nothing.
         let mut transaction = self.client.transaction().map_err(database)?;
+        fence(&mut transaction, &self.lease)?;
         transaction
             .execute(
                 "INSERT INTO journal (seq, at, format, command_count, commands, receipts)
@@ -204,6 +279,7 @@ impl Store for PostgresStore {
 
     fn write_snapshot(&mut self, seq: u64, encoded: &[u8]) -> Result<(), StoreError> {
         let mut transaction = self.client.transaction().map_err(database)?;
+        fence(&mut transaction, &self.lease)?;
         transaction
             .execute(
                 "INSERT INTO snapshots (seq, format, state) VALUES ($1, $2, $3)
@@ -218,5 +294,20 @@ impl Store for PostgresStore {
             )
             .map_err(database)?;
         transaction.commit().map_err(database)
+    }
+}
+
+/// Fencing: with a lease, checks that it is still this holder's at this epoch, and locks
+/// the lease row for the rest of the transaction, so a takeover (which updates it)
+/// either waits for this transaction or came before it and makes this check fail.
+/// Either way no two writers ever write.
+fn fence(transaction: &mut postgres::Transaction<'_>, lease: &Option<(String, i64)>) -> Result<(), StoreError> {
+    let Some((holder, epoch)) = lease else { return Ok(()) };
+    let held = transaction
+        .query_opt("SELECT 1 FROM tally_lease WHERE id = 1 AND holder = $1 AND epoch = $2 FOR SHARE", &[holder, epoch])
+        .map_err(database)?;
+    match held {
+        Some(_) => Ok(()),
+        None => Err(StoreError::Fenced { holder: holder.clone(), epoch: *epoch }),
     }
 }
