@@ -348,6 +348,15 @@ fn parse_id<T>(field: &str, text: &str, parse: fn(&str) -> Option<T>) -> Result<
     parse(text).ok_or_else(|| ApiError::field("not_found", field, format!("no such {field}")))
 }
 
+/// 201 with `value`; a repeat of the request that created it says so in a header.
+fn created_or_replayed(value: Value, created: bool) -> Response {
+    let mut response = (StatusCode::CREATED, Json(value)).into_response();
+    if !created {
+        response.headers_mut().insert("idempotent-replayed", HeaderValue::from_static("true"));
+    }
+    response
+}
+
 fn created(value: Value) -> Response {
     (StatusCode::CREATED, Json(value)).into_response()
 }

@@ -566,11 +566,7 @@ async fn create_payout(AxumState(app): App, headers: HeaderMap, ApiJson(body): A
     let caller = caller(&app, &headers)?;
     caller.require_write()?;
     service(&app)?;
-    let key_text = headers.get("idempotency-key").and_then(|value| value.to_str().ok()).ok_or_else(|| {
-        ApiError::new("idempotency_key_required", "requests that move money need an Idempotency-Key header")
-    })?;
-    let key = IdempotencyKey::new(&caller.scope(), key_text)
-        .map_err(|_| ApiError::field("invalid_request", "Idempotency-Key", "the key must be 1 to 255 bytes"))?;
+    let key = crate::payments::idempotency_key(&caller, &headers)?;
     let (wallet, organization, currency) = owned_wallet_meta(&app, &caller, &body.wallet).await?;
     let amount = positive_money("amount", &body.amount, currency.code())?;
     let bank_account = parse_id("bank_account", &body.bank_account, BankAccountId::parse)?;
@@ -584,11 +580,7 @@ async fn create_payout(AxumState(app): App, headers: HeaderMap, ApiJson(body): A
         drive_payout(&app, id, true).await;
     }
     let view = app.read(move |state| state.payouts.payout(id).map(payout_view)).await?.unwrap_or(Value::Null);
-    let mut response = (StatusCode::CREATED, Json(view)).into_response();
-    if !created {
-        response.headers_mut().insert("idempotent-replayed", HeaderValue::from_static("true"));
-    }
-    Ok(response)
+    Ok(created_or_replayed(view, created))
 }
 
 #[derive(Deserialize)]

@@ -59,6 +59,47 @@ pub struct Loaded {
     pub replayed_commands: u64,
 }
 
+/// Replays journal records (as `scan` visits them) onto `snapshot` (or an empty state
+/// with default settings), then checks the invariants: the load both stores share.
+/// Every change to settings is a journaled `Configure`, so a replay from nothing
+/// decides exactly as the first run did.
+pub(crate) fn replay(
+    snapshot: Option<(u64, State)>,
+    scan: impl FnOnce(
+        u64,
+        &mut dyn FnMut(u64, Timestamp, Vec<Command>, &[u8]) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError>,
+) -> Result<Loaded, StoreError> {
+    let (mut seq, mut state) = snapshot.unwrap_or((0, State::new(tally_ledger::Settings::default())));
+    let mut replayed_batches = 0;
+    let mut replayed_commands = 0;
+    scan(seq + 1, &mut |batch_seq, at, commands, _| {
+        if batch_seq != seq + 1 {
+            return Err(StoreError::ReplayDiverged {
+                seq: batch_seq,
+                detail: format!("expected sequence {}", seq + 1),
+            });
+        }
+        for command in &commands {
+            if let Err(rejection) = state.apply(command, at) {
+                return Err(StoreError::ReplayDiverged {
+                    seq: batch_seq,
+                    detail: format!("a journaled command was rejected on replay: {}", rejection.code()),
+                });
+            }
+        }
+        replayed_batches += 1;
+        replayed_commands += commands.len() as u64;
+        seq = batch_seq;
+        Ok(())
+    })?;
+    let problems = state.check_invariants();
+    if !problems.is_empty() {
+        return Err(StoreError::Invariants(problems));
+    }
+    Ok(Loaded { state, seq, replayed_batches, replayed_commands })
+}
+
 /// What the engine needs from durable storage.
 pub trait Store: Send + 'static {
     /// Loads the latest snapshot and replays the journal after it.

@@ -6,7 +6,7 @@
 use crate::codec::{self, FORMAT_VERSION};
 use crate::{JournalBatch, Loaded, Store, StoreError};
 use postgres::{Client, NoTls};
-use tally_ledger::{Command, Receipt, Settings, State, Timestamp};
+use tally_ledger::{Command, Receipt, State, Timestamp};
 
 /// Schema migrations, applied in order; the index + 1 is the schema version.
 const MIGRATIONS: &[&str] = &[
@@ -217,34 +217,8 @@ impl PostgresStore {
 
 impl Store for PostgresStore {
     fn load(&mut self) -> Result<Loaded, StoreError> {
-        let (mut seq, mut state) = self.latest_snapshot()?.unwrap_or((0, State::new(Settings::default())));
-        let mut replayed_batches = 0;
-        let mut replayed_commands = 0;
-        self.scan_journal(seq + 1, |batch_seq, at, commands, _| {
-            if batch_seq != seq + 1 {
-                return Err(StoreError::ReplayDiverged {
-                    seq: batch_seq,
-                    detail: format!("expected sequence {}", seq + 1),
-                });
-            }
-            for command in &commands {
-                if let Err(rejection) = state.apply(command, at) {
-                    return Err(StoreError::ReplayDiverged {
-                        seq: batch_seq,
-                        detail: format!("a journaled command was rejected on replay: {}", rejection.code()),
-                    });
-                }
-            }
-            replayed_batches += 1;
-            replayed_commands += commands.len() as u64;
-            seq = batch_seq;
-            Ok(())
-        })?;
-        let problems = state.check_invariants();
-        if !problems.is_empty() {
-            return Err(StoreError::Invariants(problems));
-        }
-        Ok(Loaded { state, seq, replayed_batches, replayed_commands })
+        let snapshot = self.latest_snapshot()?;
+        crate::replay(snapshot, |from, visit| self.scan_journal(from, visit))
     }
 
     fn commit(&mut self, batches: &[JournalBatch<'_>]) -> Result<(), StoreError> {

@@ -4,7 +4,7 @@ use crate::codec::{self, FORMAT_VERSION};
 use crate::{JournalBatch, Loaded, Store, StoreError};
 use rusqlite::{params, Connection, OptionalExtension};
 use std::path::{Path, PathBuf};
-use tally_ledger::{Command, Receipt, Settings, State, Timestamp};
+use tally_ledger::{Command, Receipt, State, Timestamp};
 
 /// Schema migrations, applied in order; the index is the schema version.
 const MIGRATIONS: &[&str] = &["CREATE TABLE journal (
@@ -221,39 +221,8 @@ impl SqliteStore {
     /// Loads like [`Store::load`], starting from the snapshot or, with `from_scratch`,
     /// from an empty state and the whole journal.
     pub fn load_with(&mut self, from_scratch: bool) -> Result<Loaded, StoreError> {
-        let (mut seq, mut state) = match self.latest_snapshot()? {
-            Some((seq, state)) if !from_scratch => (seq, state),
-            // A new ledger starts with default settings; every change to them is a
-            // journaled `Configure`, so a replay decides exactly as the first run did.
-            _ => (0, State::new(Settings::default())),
-        };
-        let mut replayed_batches = 0;
-        let mut replayed_commands = 0;
-        self.scan_journal(seq + 1, |batch_seq, at, commands, _| {
-            if batch_seq != seq + 1 {
-                return Err(StoreError::ReplayDiverged {
-                    seq: batch_seq,
-                    detail: format!("expected sequence {}", seq + 1),
-                });
-            }
-            for command in &commands {
-                if let Err(rejection) = state.apply(command, at) {
-                    return Err(StoreError::ReplayDiverged {
-                        seq: batch_seq,
-                        detail: format!("a journaled command was rejected on replay: {}", rejection.code()),
-                    });
-                }
-            }
-            replayed_batches += 1;
-            replayed_commands += commands.len() as u64;
-            seq = batch_seq;
-            Ok(())
-        })?;
-        let problems = state.check_invariants();
-        if !problems.is_empty() {
-            return Err(StoreError::Invariants(problems));
-        }
-        Ok(Loaded { state, seq, replayed_batches, replayed_commands })
+        let snapshot = if from_scratch { None } else { self.latest_snapshot()? };
+        crate::replay(snapshot, |from, visit| self.scan_journal(from, visit))
     }
 }
 

@@ -633,7 +633,7 @@ struct CreateTopUp {
     payment_method: Option<String>,
 }
 
-fn idempotency_key(caller: &Caller, headers: &HeaderMap) -> Result<IdempotencyKey, ApiError> {
+pub(crate) fn idempotency_key(caller: &Caller, headers: &HeaderMap) -> Result<IdempotencyKey, ApiError> {
     let text = headers.get("idempotency-key").and_then(|value| value.to_str().ok()).ok_or_else(|| {
         ApiError::new("idempotency_key_required", "requests that move money need an Idempotency-Key header")
     })?;
@@ -676,11 +676,7 @@ async fn create_top_up(
         drive_top_up(&app, id, true).await;
     }
     let view = app.read(move |state| state.payments.top_up(id).map(top_up_view)).await?.unwrap_or(Value::Null);
-    let mut response = (StatusCode::CREATED, Json(view)).into_response();
-    if !created {
-        response.headers_mut().insert("idempotent-replayed", HeaderValue::from_static("true"));
-    }
-    Ok(response)
+    Ok(created_or_replayed(view, created))
 }
 
 #[utoipa::path(get, path = "/v1/wallets/{id}/top-ups", tag = "payments", summary = "A wallet's top-ups, newest first", params(("id" = String, Path, description = "wallet id")), responses((status = 200, description = "success, as JSON"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
@@ -908,11 +904,7 @@ async fn create_checkout(AxumState(app): App, headers: HeaderMap, ApiJson(body):
         drive_checkout(&app, id, true).await;
     }
     let view = app.read(move |state| state.payments.checkout(id).map(checkout_view)).await?.unwrap_or(Value::Null);
-    let mut response = (StatusCode::CREATED, Json(view)).into_response();
-    if !created {
-        response.headers_mut().insert("idempotent-replayed", HeaderValue::from_static("true"));
-    }
-    Ok(response)
+    Ok(created_or_replayed(view, created))
 }
 
 #[utoipa::path(get, path = "/v1/checkouts/{id}", tag = "payments", summary = "A checkout", params(("id" = String, Path, description = "checkout id")), responses((status = 200, description = "success, as JSON"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
@@ -979,11 +971,7 @@ async fn refund_answer(app: &Arc<AppState>, command: PaymentCommand) -> ApiResul
         drive_refund(app, id, true).await;
     }
     let view = app.read(move |state| state.payments.refunds.get(id.0 as usize - 1).map(refund_view)).await?;
-    let mut response = (StatusCode::CREATED, Json(view.unwrap_or(Value::Null))).into_response();
-    if !created {
-        response.headers_mut().insert("idempotent-replayed", HeaderValue::from_static("true"));
-    }
-    Ok(response)
+    Ok(created_or_replayed(view.unwrap_or(Value::Null), created))
 }
 
 #[utoipa::path(post, path = "/v1/top-ups/{id}/refunds", tag = "payments", summary = "Refund a top-up's unspent money (and its taxes in proportion) to its payment method (platform)", request_body = CreateRefund, params(("id" = String, Path, description = "top-up id"), ("Idempotency-Key" = String, Header, description = "required")), responses((status = 201, description = "the refund"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
