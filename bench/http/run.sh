@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # HTTP load benchmark: `tally serve` on a fresh temporary database, wrk on the same
 # machine over loopback, 64 connections: transfers, then balance reads.
-# Needs wrk (Debian package `wrk`). Env: DURATION (default 20s), CONSUMERS (default 200).
+# Needs wrk (Debian package `wrk`). Env: DURATION (default 20s), CONSUMERS (default 200),
+# TALLY_BIN (a tally binary to run instead of building this checkout).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 DURATION="${DURATION:-20s}"
 export TALLY_CONSUMERS="${CONSUMERS:-200}"
 PORT="${PORT:-18181}"
 command -v wrk >/dev/null || { echo "wrk is missing: apt-get install -y wrk" >&2; exit 1; }
-cargo build --release --quiet
-tally=${CARGO_TARGET_DIR:-target}/release/tally
+# TALLY_BIN runs a given build (to compare two side by side); otherwise build this one.
+if [ -z "${TALLY_BIN:-}" ]; then cargo build --release --quiet; fi
+tally=${TALLY_BIN:-${CARGO_TARGET_DIR:-target}/release/tally}
 data=$(mktemp -d)
 trap 'kill $server 2>/dev/null; wait $server 2>/dev/null; rm -rf "$data"' EXIT
 TALLY_LOG=warn "$tally" serve --data-dir "$data" --listen "127.0.0.1:$PORT" > "$data/out.txt" &

@@ -433,6 +433,20 @@ impl Writer {
         self.stats.batches.fetch_add(1, Ordering::Relaxed);
         self.stats.batch_sizes.observe(entries.len() as f64);
         self.stats.requests.fetch_add(entries.len() as u64, Ordering::Relaxed);
+        // A batch that wrote nothing (reads, rejections, replays) answers from state; when
+        // every write applied so far is already durable, that state is durable too, so it
+        // is answered here rather than after a hop through the committer.
+        if !journals
+            && self.stats.durable_seq.load(Ordering::Acquire) == self.seq
+            && !self.failed.load(Ordering::Acquire)
+        {
+            for entry in entries {
+                if let Some(reply) = entry.reply {
+                    reply(entry.outcome);
+                }
+            }
+            return;
+        }
         let batch = Batch { seq: if journals { self.seq } else { 0 }, at: now, entries };
         if self.commits.send(CommitMessage::Batch(batch)).is_err() {
             tracing::error!("committer stopped; requests in the batch are dropped unanswered");
