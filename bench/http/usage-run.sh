@@ -11,8 +11,9 @@ DURATION="${DURATION:-20s}"
 export TALLY_CONSUMERS="${CONSUMERS:-200}"
 PORT="${PORT:-18182}"
 command -v wrk >/dev/null || { echo "wrk is missing: apt-get install -y wrk" >&2; exit 1; }
-cargo build --release --quiet
-tally=${CARGO_TARGET_DIR:-target}/release/tally
+# TALLY_BIN runs a given build (to compare two side by side); otherwise build this one.
+if [ -z "${TALLY_BIN:-}" ]; then cargo build --release --quiet; fi
+tally=${TALLY_BIN:-${CARGO_TARGET_DIR:-target}/release/tally}
 data=$(mktemp -d)
 trap 'kill $server 2>/dev/null; wait $server 2>/dev/null; rm -rf "$data"' EXIT
 TALLY_LOG=warn "$tally" serve --data-dir "$data" --listen "127.0.0.1:$PORT" --webhooks-allow-private > "$data/out.txt" &
@@ -56,6 +57,6 @@ if [ -n "${WEBHOOK_URL:-}" ]; then
   echo "== webhooks caught up in $(awk -v a="$start" -v b="$(date +%s.%N)" 'BEGIN {printf "%.1f", b - a}') s: delivered $(metric 'tally_webhook_deliveries_total{outcome="delivered"') backlog $(metric tally_webhook_backlog)"
 fi
 if [ -z "${ONLY:-}" ] || [ "$ONLY" = access ]; then
-echo "== access checks: wrk -t2 -c64 -d$DURATION --latency -s bench/http/access-check.lua"
-wrk -t2 -c64 -d"$DURATION" --latency -s bench/http/access-check.lua "http://127.0.0.1:$PORT" | grep -E "Latency|50%|99%|Requests/sec|requests in|Non-2xx|unexpected" | head -12
+echo "== access checks: wrk -t2 -c${CONNECTIONS:-64} -d$DURATION --latency -s bench/http/access-check.lua"
+wrk -t2 -c"${CONNECTIONS:-64}" -d"$DURATION" --latency -s bench/http/access-check.lua "http://127.0.0.1:$PORT" | grep -E "Latency|50%|99%|Requests/sec|requests in|Non-2xx|unexpected" | head -12
 fi
