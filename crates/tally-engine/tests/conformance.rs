@@ -381,3 +381,48 @@ fn a_writer_that_lost_its_lease_commits_nothing() {
     );
     PostgresStore::drop_schema(&url, &schema).unwrap();
 }
+
+/// The database connection dies (as in a PostgreSQL restart): the batch in flight
+/// fails cleanly, the node reports not ready, connects again, reloads, and serves,
+/// with nothing lost and nothing applied twice.
+#[test]
+fn a_lost_database_connection_fails_the_batch_then_recovers() {
+    let Some(url) = postgres_url() else { return };
+    let schema = format!("tally_reconnect_{}", std::process::id());
+    PostgresStore::drop_schema(&url, &schema).unwrap();
+    let open = || PostgresStore::open_in_schema(&url, Some(&schema)).unwrap();
+    let engine = Engine::start(open(), Arc::new(ManualClock::new(START)), EngineConfig::default(), None).unwrap();
+    let handle = engine.handle();
+    handle.execute(Command::CreateOrganization { name: "o".into(), roles: Roles::default() }).unwrap();
+    handle
+        .execute(Command::CreateWallet {
+            organization: OrganizationId(1),
+            currency: usd(),
+            low_balance_threshold: None,
+            additional: false,
+        })
+        .unwrap();
+    handle.execute(mv("k1", credit(1, "10.00", None))).unwrap();
+    // Kill the engine's connection from outside.
+    let mut admin = PostgresStore::open(&url).unwrap();
+    let killed = admin.terminate_connections(&format!("tally:{schema}")).unwrap();
+    assert!(killed >= 1, "the engine's connection was found");
+    let failed = handle.execute(mv("k2", credit(1, "5.00", None)));
+    assert!(matches!(failed, Err(EngineError::Storage(_))), "the batch fails cleanly: {failed:?}");
+    // The engine reconnects and reloads; the same request then goes through once.
+    let mut answer = handle.execute(mv("k2", credit(1, "5.00", None)));
+    for _ in 0..50 {
+        if answer.is_ok() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        answer = handle.execute(mv("k2", credit(1, "5.00", None)));
+    }
+    assert!(answer.is_ok(), "serving again: {answer:?}");
+    assert!(handle.stats().ready.load(std::sync::atomic::Ordering::Acquire));
+    assert!(matches!(handle.execute(mv("k2", credit(1, "5.00", None))), Ok(Receipt::Replayed(_))));
+    engine.shutdown();
+    let loaded = open().load().unwrap();
+    assert_eq!(loaded.state.wallet(WalletId(1)).unwrap().balance().format(2), "15.00", "nothing lost, nothing twice");
+    PostgresStore::drop_schema(&url, &schema).unwrap();
+}

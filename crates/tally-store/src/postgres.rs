@@ -37,6 +37,9 @@ const SNAPSHOTS_KEPT: i64 = 2;
 
 pub struct PostgresStore {
     client: Client,
+    /// Where to connect again after the connection is lost (a database restart).
+    url: String,
+    schema: Option<String>,
     /// With a lease: every commit first checks, in its own transaction, that this
     /// holder and epoch still hold it (fencing), so a writer that lost its lease can
     /// never commit.
@@ -56,6 +59,19 @@ fn database(error: postgres::Error) -> StoreError {
     StoreError::Postgres(error.to_string())
 }
 
+fn connect(url: &str, schema: Option<&str>) -> Result<Client, StoreError> {
+    let mut config: postgres::Config = url.parse().map_err(database)?;
+    // Named by schema, so an operator (or a test) can tell this node's connection apart.
+    config.application_name(&format!("tally:{}", schema.unwrap_or("public")));
+    let mut client = config.connect(NoTls).map_err(database)?;
+    if let Some(schema) = schema {
+        client
+            .batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {schema}; SET search_path TO {schema}"))
+            .map_err(database)?;
+    }
+    Ok(client)
+}
+
 impl PostgresStore {
     /// Connects to `url` (`postgres://user@host:port/database`) and brings the schema up
     /// to date, in the database's default schema.
@@ -66,18 +82,40 @@ impl PostgresStore {
     /// The same, with every table in `schema` (created if missing): tests use one schema
     /// each, so they share the machine's database without seeing each other.
     pub fn open_in_schema(url: &str, schema: Option<&str>) -> Result<PostgresStore, StoreError> {
-        let mut client = Client::connect(url, NoTls).map_err(database)?;
         if let Some(schema) = schema {
             if !schema.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_') {
                 return Err(StoreError::Postgres(format!("schema name {schema:?}: use [a-z0-9_]")));
             }
-            client
-                .batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {schema}; SET search_path TO {schema}"))
-                .map_err(database)?;
         }
-        let mut store = PostgresStore { client, lease: None };
+        let client = connect(url, schema)?;
+        let mut store = PostgresStore { client, url: url.to_string(), schema: schema.map(str::to_string), lease: None };
         store.migrate()?;
         Ok(store)
+    }
+
+    /// Connects again if the connection was lost; the next operation then works once
+    /// the database is back (the engine retries its reload until it is).
+    fn reconnect_if_closed(&mut self) -> Result<(), StoreError> {
+        if self.client.is_closed() {
+            tracing::warn!("the PostgreSQL connection was lost; connecting again");
+            self.client = connect(&self.url, self.schema.as_deref())?;
+        }
+        Ok(())
+    }
+
+    /// Terminates every connection named `application_name` (an operator's tool, and
+    /// how tests simulate a database restart); returns how many.
+    pub fn terminate_connections(&mut self, application_name: &str) -> Result<u64, StoreError> {
+        self.reconnect_if_closed()?;
+        let row = self
+            .client
+            .query_one(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+                 WHERE application_name = $1 AND pid <> pg_backend_pid()",
+                &[&application_name],
+            )
+            .map_err(database)?;
+        Ok(row.get::<_, i64>(0) as u64)
     }
 
     /// Drops a schema made by `open_in_schema` (tests clean up after themselves).
@@ -114,6 +152,7 @@ impl PostgresStore {
     /// epoch), or keeps it if `holder` has it. Times are the database's, so nodes'
     /// clocks do not matter. Returns the epoch held, or None when another node holds it.
     pub fn acquire_lease(&mut self, holder: &str, lease_ms: i64) -> Result<Option<i64>, StoreError> {
+        self.reconnect_if_closed()?;
         let row = self
             .client
             .query_opt(
@@ -138,6 +177,7 @@ impl PostgresStore {
 
     /// Extends the lease this store holds; false when it was lost (taken over).
     pub fn renew_lease(&mut self, lease_ms: i64) -> Result<bool, StoreError> {
+        self.reconnect_if_closed()?;
         let Some((holder, epoch)) = self.lease.clone() else { return Ok(false) };
         let renewed = self
             .client
@@ -152,6 +192,7 @@ impl PostgresStore {
 
     /// The lease as the database has it now.
     pub fn lease(&mut self) -> Result<Option<Lease>, StoreError> {
+        self.reconnect_if_closed()?;
         let row = self
             .client
             .query_opt(
@@ -164,6 +205,7 @@ impl PostgresStore {
 
     /// The newest durable journal sequence.
     pub fn last_seq(&mut self) -> Result<u64, StoreError> {
+        self.reconnect_if_closed()?;
         let row = self.client.query_one("SELECT COALESCE(MAX(seq), 0) FROM journal", &[]).map_err(database)?;
         Ok(row.get::<_, i64>(0) as u64)
     }
@@ -217,11 +259,13 @@ impl PostgresStore {
 
 impl Store for PostgresStore {
     fn load(&mut self) -> Result<Loaded, StoreError> {
+        self.reconnect_if_closed()?;
         let snapshot = self.latest_snapshot()?;
         crate::replay(snapshot, |from, visit| self.scan_journal(from, visit))
     }
 
     fn commit(&mut self, batches: &[JournalBatch<'_>]) -> Result<(), StoreError> {
+        self.reconnect_if_closed()?;
         let mut seqs = Vec::with_capacity(batches.len());
         let mut ats = Vec::with_capacity(batches.len());
         let mut formats = Vec::with_capacity(batches.len());
@@ -252,6 +296,7 @@ impl Store for PostgresStore {
     }
 
     fn write_snapshot(&mut self, seq: u64, encoded: &[u8]) -> Result<(), StoreError> {
+        self.reconnect_if_closed()?;
         let mut transaction = self.client.transaction().map_err(database)?;
         fence(&mut transaction, &self.lease)?;
         transaction
