@@ -1083,6 +1083,11 @@ impl State {
         Ok(PaymentReceipt::Checkout { checkout: Box::new(checkout), created: true, settled, operation })
     }
 
+    /// Whether a renewal payment (card part pending) exists for the subscription.
+    pub(crate) fn renewal_payment_pending(&self, id: SubscriptionId) -> bool {
+        self.payments.pending_checkouts.iter().any(|c| self.payments.checkouts[index(c.0)].subscription == Some(id))
+    }
+
     /// Starts collecting a subscription's outstanding fee wallet first, under an
     /// exclusive hold, and the rest from the consumer's default payment method. False
     /// when there is no usable default method, a renewal payment is already pending,
@@ -1219,9 +1224,11 @@ impl State {
                     if checkout.subscription.is_some() { OperationKind::RecurringFee } else { OperationKind::Checkout };
                 let posted = self.next_operation(kind, currency, now, legs);
                 if let Some(subscription) = checkout.subscription {
+                    // Pays what this renewal collected; a later period's fee that came
+                    // due meanwhile stays owed (and its retry is scheduled).
                     let s = &mut self.subscriptions[index(subscription.0)];
-                    s.outstanding = 0;
-                    if s.status == SubscriptionStatus::PastDue {
+                    s.outstanding = (s.outstanding - checkout.amount).max(0);
+                    if s.outstanding == 0 && s.status == SubscriptionStatus::PastDue {
                         s.status = SubscriptionStatus::Active;
                     }
                 }

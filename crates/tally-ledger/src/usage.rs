@@ -255,12 +255,27 @@ impl State {
     fn start_period_fee(&mut self, id: SubscriptionId, now: Timestamp) -> Renewal {
         let plan = self.subscription(id).map(|s| s.plan).expect("subscription exists");
         let fee = self.plan(plan).and_then(|p| p.spec.recurring_fee).map_or(0, |f| f.units());
-        self.subscriptions[index(id.0)].outstanding = fee;
+        // Added, not set: a renewal payment still waiting for the card keeps what it owes
+        // (otherwise the outstanding amount is zero at a period's start).
+        self.subscriptions[index(id.0)].outstanding += fee;
         self.collect_outstanding(id, now)
     }
 
     /// Charges what the subscription owes; past due if the wallet cannot pay it.
     fn collect_outstanding(&mut self, id: SubscriptionId, now: Timestamp) -> Renewal {
+        if self.renewal_payment_pending(id) {
+            // A card is still paying an earlier fee: collecting now could take that fee
+            // twice. Try again later, when it has settled.
+            self.renewals.insert((now.saturating_add(FEE_RETRY_MS), id));
+            let subscription = &self.subscriptions[index(id.0)];
+            return Renewal {
+                subscription: id,
+                status: subscription.status,
+                period_start: subscription.period_start,
+                fee: None,
+                low_balance: false,
+            };
+        }
         let subscription = &self.subscriptions[index(id.0)];
         let (wallet, to, owed, plan) =
             (subscription.wallet, subscription.merchant_wallet, subscription.outstanding, subscription.plan);

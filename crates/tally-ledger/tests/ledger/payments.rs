@@ -645,3 +645,35 @@ fn payment_refunds_go_back_to_their_grants_and_come_from_merchant_and_fee_in_pro
     );
     assert!(state.check_invariants().is_empty(), "{:?}", state.check_invariants());
 }
+
+#[test]
+fn a_period_that_ends_while_a_renewal_card_is_pending_never_takes_a_fee_twice() {
+    use tally_ledger::billing::SubscriptionStatus;
+    let (mut state, receipt) = renewal_ledger("10.00");
+    let renewal = started(receipt);
+    // Enough arrives in the wallet for both periods' fees while the card is pending.
+    run(&mut state, "more", credit(1, "100.00")).unwrap();
+    let period_end = state.subscription(SubscriptionId(1)).unwrap().period_end;
+    state.apply(&Command::Tick, period_end).unwrap();
+    assert_eq!(balance(&state, 2), "0.00", "nothing collected while a card pays the first fee");
+    assert_eq!(state.subscription(SubscriptionId(1)).unwrap().outstanding, a("60.00").units());
+    // The card's answer comes after the wallet part's hold expired: the checkout fails
+    // (the driver refunds the card) and the subscription is past due for both fees.
+    let PaymentReceipt::Checkout { checkout, .. } = pay_at(
+        &mut state,
+        PaymentCommand::SettleCheckout { checkout: renewal.id, outcome: succeeded() },
+        period_end + 1,
+    )
+    .unwrap() else {
+        panic!()
+    };
+    assert_eq!(checkout.failure_code.as_deref(), Some("hold_expired"));
+    assert_eq!(state.subscription(SubscriptionId(1)).unwrap().status, SubscriptionStatus::PastDue);
+    // The retry collects both fees from the wallet, once each.
+    state.apply(&Command::Tick, period_end + 3_600_001).unwrap();
+    assert_eq!(balance(&state, 2), "60.00");
+    assert_eq!(balance(&state, 1), "50.00");
+    let subscription = state.subscription(SubscriptionId(1)).unwrap();
+    assert_eq!((subscription.outstanding, subscription.status), (0, SubscriptionStatus::Active));
+    assert!(state.check_invariants().is_empty(), "{:?}", state.check_invariants());
+}
