@@ -179,56 +179,43 @@ fn taxes_view(taxes: &[TaxLine], currency: Currency) -> Value {
     )
 }
 
+/// Replaces the event JSON's `<name>_ms` times with RFC 3339 `<name>` fields.
+fn with_times(mut view: Value, times: &[(&str, Option<Timestamp>)]) -> Value {
+    if let Some(object) = view.as_object_mut() {
+        for (name, at) in times {
+            object.remove(&format!("{name}_ms"));
+            object.insert((*name).to_string(), json!(at.map(time::format)));
+        }
+    }
+    view
+}
+
+/// A top-up as the API shows it: the event's JSON, with times as RFC 3339 and what
+/// only its owner sees (provider reference, receipt number).
 pub(crate) fn top_up_view(top_up: &TopUp) -> Value {
-    let currency = top_up.currency;
-    json!({
-        "id": top_up.id.to_string(),
-        "object": "top_up",
-        "wallet": top_up.wallet.to_string(),
-        "organization": top_up.organization.to_string(),
-        "currency": currency.code(),
-        "amount": money_text(top_up.amount, currency),
-        "taxes": taxes_view(&top_up.taxes, currency),
-        "total": money_text(top_up.total, currency),
-        "payment_method": top_up.method.to_string(),
-        "status": top_up.status,
-        "automatic": top_up.auto,
-        "created_at": time::format(top_up.created_at),
-        "settled_at": top_up.settled_at.map(time::format),
-        "provider_reference": top_up.provider_reference.as_deref(),
-        "failure_code": top_up.failure_code.as_deref(),
-        "failure_message": top_up.failure_message.as_deref(),
-        "receipt_number": top_up.receipt_number.map(receipt_number),
-        "operation": top_up.operation.map(|o| o.to_string()),
-    })
+    let mut view = with_times(
+        tally_store::events::top_up_json(top_up),
+        &[("created_at", Some(top_up.created_at)), ("settled_at", top_up.settled_at)],
+    );
+    view["provider_reference"] = json!(top_up.provider_reference.as_deref());
+    view["receipt_number"] = json!(top_up.receipt_number.map(receipt_number));
+    view
 }
 
 pub(crate) fn checkout_view(checkout: &Checkout) -> Value {
     let currency = checkout.currency;
     let paid = checkout.status == PaymentStatus::Succeeded;
-    json!({
-        "id": checkout.id.to_string(),
-        "object": "checkout",
-        "consumer": checkout.consumer.to_string(),
-        "merchant": checkout.merchant.to_string(),
-        "currency": currency.code(),
-        "amount": money_text(checkout.amount, currency),
-        "wallet_part": money_text(checkout.wallet_part, currency),
-        "card_part": money_text(checkout.card_part, currency),
-        "outstanding": money_text(if paid { 0 } else { checkout.amount }, currency),
-        "platform_fee": money_text(checkout.fee, currency),
-        "hold": checkout.hold.map(|h| h.to_string()),
-        "payment_method": checkout.method.map(|m| m.to_string()),
-        "description": checkout.description.as_ref(),
-        "subscription": checkout.subscription.map(|s| s.to_string()),
-        "status": checkout.status,
-        "created_at": time::format(checkout.created_at),
-        "settled_at": checkout.settled_at.map(time::format),
-        "provider_reference": checkout.provider_reference.as_deref(),
-        "failure_code": checkout.failure_code.as_deref(),
-        "failure_message": checkout.failure_message.as_deref(),
-        "operation": checkout.operation.map(|o| o.to_string()),
-    })
+    let mut view = with_times(
+        tally_store::events::checkout_json(checkout),
+        &[("created_at", Some(checkout.created_at)), ("settled_at", checkout.settled_at)],
+    );
+    view["outstanding"] = json!(money_text(if paid { 0 } else { checkout.amount }, currency));
+    view["hold"] = json!(checkout.hold.map(|h| h.to_string()));
+    view["payment_method"] = json!(checkout.method.map(|m| m.to_string()));
+    view["description"] = json!(checkout.description.as_ref());
+    view["provider_reference"] = json!(checkout.provider_reference.as_deref());
+    view["failure_message"] = json!(checkout.failure_message.as_deref());
+    view
 }
 
 fn receipt_number(number: u64) -> String {
