@@ -9,6 +9,7 @@ pub mod metrics;
 pub mod nats;
 pub mod payments;
 pub mod payouts;
+mod portal;
 pub mod time;
 mod views;
 pub mod webhooks;
@@ -59,6 +60,8 @@ pub struct AppState {
     pub payments: Option<Arc<payments::Payments>>,
     /// The payout rail and its driver, when enabled.
     pub payouts: Option<Arc<payouts::PayoutService>>,
+    /// Portal sessions and one-time portal links.
+    pub portal: portal::Sessions,
 }
 
 impl AppState {
@@ -82,6 +85,7 @@ impl AppState {
             nats: None,
             payments: None,
             payouts: None,
+            portal: portal::Sessions::default(),
         }
     }
 
@@ -174,12 +178,14 @@ type ApiResult = Result<Response, ApiError>;
 pub fn router(state: Arc<AppState>) -> Router {
     let (router, document) = api_router().split_for_parts();
     let document = Arc::new(document);
-    router
+    let api: Router = router
         .route("/openapi.json", get(move || async move { Json(document.as_ref().clone()) }))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), metrics::track))
         .fallback(|| async { ApiError::not_found() })
         .layer(DefaultBodyLimit::max(BODY_BYTES_MAX))
-        .with_state(state)
+        .with_state(state.clone());
+    // The portals call the API router above in-process, so they hold it, not themselves.
+    api.clone().merge(portal::routes(state, api))
 }
 
 /// The OpenAPI 3.1 document of every endpoint, built from the same annotations that
@@ -235,6 +241,7 @@ fn api_router() -> utoipa_axum::router::OpenApiRouter<Arc<AppState>> {
         .routes(routes!(get_operation))
         .routes(routes!(create_api_key, list_api_keys))
         .routes(routes!(revoke_api_key))
+        .routes(routes!(portal::create_portal_session))
         .merge(billing::routes())
         .merge(webhooks::routes())
         .merge(payments::routes())
@@ -493,9 +500,11 @@ async fn create_organization(
 struct PageQuery {
     limit: Option<u32>,
     after: Option<String>,
+    /// Only organizations whose name contains this, ignoring case.
+    q: Option<String>,
 }
 
-#[utoipa::path(get, path = "/v1/organizations", tag = "organizations", summary = "List organizations (admin), cursor `after`, `limit`", params(("limit" = Option<u32>, Query, description = "page size, at most 500"), ("after" = Option<String>, Query, description = "cursor: the last id seen")), responses((status = 200, description = "success, as JSON"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
+#[utoipa::path(get, path = "/v1/organizations", tag = "organizations", summary = "List organizations (admin), cursor `after`, `limit`", params(("limit" = Option<u32>, Query, description = "page size, at most 500"), ("after" = Option<String>, Query, description = "cursor: the last id seen"), ("q" = Option<String>, Query, description = "only names containing this, ignoring case")), responses((status = 200, description = "success, as JSON"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn list_organizations(AxumState(app): App, headers: HeaderMap, Query(query): Query<PageQuery>) -> ApiResult {
     caller(&app, &headers)?.require_admin()?;
     let limit = query.limit.unwrap_or(PAGE_SIZE_DEFAULT).clamp(1, tally_store::PAGE_SIZE_MAX) as usize;
@@ -503,10 +512,17 @@ async fn list_organizations(AxumState(app): App, headers: HeaderMap, Query(query
         Some(cursor) => parse_id("after", cursor, OrganizationId::parse)?.0,
         None => 0,
     };
+    let search = text("q", query.q.as_deref().unwrap_or(""), true)?.to_lowercase();
     let (items, more) = app
         .read(move |state| {
-            let page: Vec<Value> =
-                state.organizations.iter().skip(after as usize).take(limit + 1).map(views::organization).collect();
+            let page: Vec<Value> = state
+                .organizations
+                .iter()
+                .skip(after as usize)
+                .filter(|o| search.is_empty() || o.name.to_lowercase().contains(&search))
+                .take(limit + 1)
+                .map(views::organization)
+                .collect();
             let more = page.len() > limit;
             (page.into_iter().take(limit).collect::<Vec<_>>(), more)
         })

@@ -409,6 +409,7 @@ const ENDPOINTS: &[(&str, &str)] = &[
     ("put", "/v1/wallets/{id}/payout-schedule"),
     ("delete", "/v1/wallets/{id}/payout-schedule"),
     ("put", "/v1/payout-minimums"),
+    ("post", "/v1/portal-sessions"),
 ];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

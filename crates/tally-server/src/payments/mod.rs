@@ -328,10 +328,15 @@ async fn list_methods(AxumState(app): App, headers: HeaderMap, Path(id): Path<St
         .read(move |state| {
             let default = state.payments.default_method.get(&organization).copied();
             let methods = state.payments.methods.iter().filter(|m| m.organization == organization && !m.removed);
-            methods.map(|m| method_view(m, Some(m.id) == default)).collect::<Vec<_>>()
+            let allowed: Vec<MethodType> = [MethodType::Card, MethodType::BankAccount]
+                .into_iter()
+                .filter(|kind| state.payments.allows(organization, *kind))
+                .collect();
+            (methods.map(|m| method_view(m, Some(m.id) == default)).collect::<Vec<_>>(), allowed)
         })
         .await?;
-    Ok(ok(json!({"object": "list", "data": data})))
+    let (data, allowed) = data;
+    Ok(ok(json!({"object": "list", "data": data, "allowed_types": allowed})))
 }
 
 async fn owned_method(app: &AppState, caller: &Caller, id: &str) -> Result<PaymentMethodId, ApiError> {
