@@ -91,17 +91,81 @@ pub fn generate(
     NewKey { secret, record }
 }
 
-/// The key table, cached in memory; a miss looks in the database again, so keys made
+/// The key table, cached in memory and read again every few seconds; a miss looks in
+/// the database again (at most every 200 ms), so keys made
 /// by `tally admin create-key` while the server runs work at once.
 pub struct KeyRing {
     store: Mutex<ApiKeys>,
     cache: RwLock<HashMap<[u8; 32], ApiKeyRecord>>,
+    /// When the cache was last read whole from the table: it is read again after
+    /// `KEY_CACHE_TTL`, so a key revoked by another node (or the CLI) stops working
+    /// here within that time.
+    loaded_ms: std::sync::atomic::AtomicU64,
+    started: std::time::Instant,
+    /// Keys that exist only in this process, for portal sessions (which live in memory
+    /// too): never stored, gone at restart, bounded like the sessions.
+    ephemeral: RwLock<HashMap<[u8; 32], ApiKeyRecord>>,
+    next_ephemeral: std::sync::atomic::AtomicU64,
 }
 
+/// How long a cached key table is trusted before it is read again.
+const KEY_CACHE_TTL: std::time::Duration = std::time::Duration::from_secs(5);
+/// The least time between two reads of the whole table after a cache miss, so unknown
+/// keys cannot make every request scan it.
+const MISS_RELOAD_MIN: std::time::Duration = std::time::Duration::from_millis(200);
+/// Most in-memory keys at once (one per portal session).
+const EPHEMERAL_MAX: usize = 10_000;
+/// Ids of in-memory keys start here, far above any stored key's.
+const EPHEMERAL_ID_BASE: u64 = 1 << 48;
+
 impl KeyRing {
-    pub fn new(store: ApiKeys) -> Result<KeyRing, tally_store::StoreError> {
+    pub fn new(mut store: ApiKeys) -> Result<KeyRing, tally_store::StoreError> {
         let cache = store.all()?.into_iter().map(|record| (record.hash, record)).collect();
-        Ok(KeyRing { store: Mutex::new(store), cache: RwLock::new(cache) })
+        Ok(KeyRing {
+            store: Mutex::new(store),
+            cache: RwLock::new(cache),
+            loaded_ms: std::sync::atomic::AtomicU64::new(0),
+            started: std::time::Instant::now(),
+            ephemeral: RwLock::new(HashMap::new()),
+            next_ephemeral: std::sync::atomic::AtomicU64::new(EPHEMERAL_ID_BASE),
+        })
+    }
+
+    /// Reads the whole table again when the cache is older than `older_than`. One
+    /// request refreshes; the others go on with the cache meanwhile.
+    fn refresh(&self, older_than: std::time::Duration) {
+        use std::sync::atomic::Ordering;
+        let now = self.started.elapsed().as_millis() as u64;
+        let loaded = self.loaded_ms.load(Ordering::Relaxed);
+        if now.saturating_sub(loaded) < older_than.as_millis() as u64
+            || self.loaded_ms.compare_exchange(loaded, now, Ordering::AcqRel, Ordering::Relaxed).is_err()
+        {
+            return;
+        }
+        match self.store.lock().expect("key store lock").all() {
+            Ok(fresh) => {
+                *self.cache.write().expect("key cache lock") = fresh.into_iter().map(|r| (r.hash, r)).collect()
+            }
+            Err(error) => tracing::warn!(%error, "reading the API key table failed; keeping the cached keys"),
+        }
+    }
+
+    /// Makes a key that lives only in this process until `expires_at` or `forget`.
+    pub fn insert_ephemeral(&self, mut key: NewKey, now: Timestamp) -> NewKey {
+        key.record.id = self.next_ephemeral.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut keys = self.ephemeral.write().expect("ephemeral keys lock");
+        keys.retain(|_, record| record.expires_at.is_none_or(|at| at > now));
+        while keys.len() >= EPHEMERAL_MAX {
+            let oldest = keys.values().map(|record| record.id).min();
+            keys.retain(|_, record| Some(record.id) != oldest);
+        }
+        keys.insert(key.record.hash, key.record.clone());
+        key
+    }
+
+    /// Ends an in-memory key at once.
+    pub fn forget(&self, id: u64) {
+        self.ephemeral.write().expect("ephemeral keys lock").retain(|_, record| record.id != id);
     }
 
     pub fn is_empty(&self) -> bool {
@@ -139,17 +203,16 @@ impl KeyRing {
         if !secret.starts_with("tly_") || secret.len() > 128 {
             return Err(unauthorized());
         }
+        self.refresh(KEY_CACHE_TTL);
         let digest = hash(secret);
         let cached = self.cache.read().expect("key cache lock").get(&digest).cloned();
+        let cached = cached.or_else(|| self.ephemeral.read().expect("ephemeral keys lock").get(&digest).cloned());
         let record = match cached {
             Some(record) => record,
             None => {
-                let fresh = self.store.lock().expect("key store lock").all().map_err(|_| unauthorized())?;
-                let mut cache = self.cache.write().expect("key cache lock");
-                for record in fresh {
-                    cache.insert(record.hash, record);
-                }
-                cache.get(&digest).cloned().ok_or_else(unauthorized)?
+                // A key made since the last read (by the CLI, or another node).
+                self.refresh(MISS_RELOAD_MIN);
+                self.cache.read().expect("key cache lock").get(&digest).cloned().ok_or_else(unauthorized)?
             }
         };
         if record.revoked_at.is_some() || record.expires_at.is_some_and(|at| at <= now) {

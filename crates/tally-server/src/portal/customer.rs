@@ -27,7 +27,7 @@ const SANDBOX_TOKENS: [(&str, &str); 4] = [
 pub(super) fn routes() -> Router<Portal> {
     Router::new()
         .route("/portal", get(home))
-        .route("/portal/enter", get(enter))
+        .route("/portal/enter", get(enter_page).post(enter))
         .route("/portal/logout", post(logout))
         .route("/portal/payment-methods", post(add_method))
         .route("/portal/wallets/{id}", get(wallet))
@@ -68,12 +68,26 @@ fn page(signed: &Signed, title: &str, body: Markup) -> Response {
     html::page(title, nav(signed), Some(&signed.session), body)
 }
 
-async fn enter(
-    State(portal): State<Portal>,
-    headers: HeaderMap,
-    Query(query): Query<HashMap<String, String>>,
-) -> Response {
+/// The link opens a page with one button; only pressing it (a same-site POST) uses the
+/// link. So link scanners and previews that fetch it do not use it up, and the session
+/// cookie (SameSite=Strict) is set by a same-site request, which browsers then send.
+async fn enter_page(Query(query): Query<HashMap<String, String>>) -> Response {
     let token = query.get("token").map(String::as_str).unwrap_or("");
+    let body = html! {
+        h1 { "Your wallet portal" }
+        p { "This link opens your wallets. It works once and for 15 minutes." }
+        form method="post" action="/portal/enter" {
+            input type="hidden" name="token" value=(token);
+            button type="submit" { "Open my wallets" }
+        }
+    };
+    let mut response = html::page("Open the portal", html! {}, None, body);
+    response.headers_mut().insert("referrer-policy", header::HeaderValue::from_static("no-referrer"));
+    response
+}
+
+async fn enter(State(portal): State<Portal>, headers: HeaderMap, Form(form): FormData) -> Response {
+    let token = form.get("token").map(String::as_str).unwrap_or("");
     let Some(organization) = (token.len() <= 128).then(|| portal.app.portal.redeem_link(token)).flatten() else {
         return html::problem(
             StatusCode::FORBIDDEN,
@@ -82,14 +96,9 @@ async fn enter(
     };
     let now = portal.app.now();
     let expires_at = now + CUSTOMER_SESSION_TTL.as_millis() as i64;
+    // The session's key lives in memory only, like the session, and ends with it.
     let key = crate::generate_key(Some(organization), true, "customer portal session", now, Some(expires_at));
-    let key = match portal.app.keys.insert(key) {
-        Ok(key) => key,
-        Err(error) => {
-            tracing::error!(%error, "portal session key");
-            return html::problem(StatusCode::SERVICE_UNAVAILABLE, "The portal cannot open a session now; try again.");
-        }
-    };
+    let key = portal.app.keys.insert_ephemeral(key, now);
     let id = portal.app.portal.start(Role::Customer(organization), key.secret, key.record.id, CUSTOMER_SESSION_TTL);
     let mut response = see_other("/portal");
     response.headers_mut().insert(
@@ -103,9 +112,7 @@ async fn logout(State(portal): State<Portal>, headers: HeaderMap, Form(form): Fo
     let (signed, _) = signed_in(&portal, &headers)?;
     Fields::checked(&signed.session, form)?;
     if let Some(session) = portal.app.portal.end(&signed.id) {
-        if let Err(error) = portal.app.keys.revoke(session.key_id, portal.app.now()) {
-            tracing::warn!(%error, "revoking a portal session key");
-        }
+        portal.app.keys.forget(session.key_id);
     }
     let mut response =
         html::problem(StatusCode::OK, "You are signed out. Use a new link from the service to come back.");

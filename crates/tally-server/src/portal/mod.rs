@@ -29,6 +29,7 @@ use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use tally_ledger::billing::SubscriptionStatus;
 use tally_ledger::OrganizationId;
 use tower::ServiceExt;
 
@@ -372,10 +373,15 @@ pub(crate) async fn create_portal_session(
             let Some(consumer) = state.organization(organization) else { return false };
             match caller {
                 Caller::Admin { .. } => true,
+                // A merchant only for a consumer with a live subscription to it.
                 Caller::Organization { organization: own, .. } => {
                     own == organization
                         || (consumer.roles.consumer
-                            && state.subscriptions.iter().any(|s| s.consumer == organization && s.merchant == own))
+                            && state
+                                .subscription_by_pair
+                                .get(&(organization, own))
+                                .and_then(|id| state.subscription(*id))
+                                .is_some_and(|s| s.status != SubscriptionStatus::Canceled))
                 }
             }
         })

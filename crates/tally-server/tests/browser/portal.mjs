@@ -96,6 +96,7 @@ try {
   const link = env("TALLY_PORTAL_URL");
   const customer = await (await browser.newContext()).newPage();
   await customer.goto(link);
+  await customer.getByRole("button", { name: "Open my wallets" }).click();
   assert.match(customer.url(), /\/portal$/);
   await customer.getByRole("heading", { name: "Wallets of Browser Co" }).waitFor();
   await shot(customer, "portal-wallets");
@@ -130,7 +131,11 @@ try {
 
   // The link does not work a second time.
   const second = await (await browser.newContext()).newPage();
-  const again = await second.goto(link);
+  await second.goto(link);
+  const [again] = await Promise.all([
+    second.waitForResponse((r) => r.url().endsWith("/portal/enter") && r.request().method() === "POST"),
+    second.getByRole("button", { name: "Open my wallets" }).click(),
+  ]);
   assert.equal(again.status(), 403);
   assert.ok((await second.textContent("main")).includes("already been used"));
   step("second use of the link refused; other organization's wallet 404");
