@@ -1,5 +1,6 @@
 //! API keys, as the server stores them: only a hash of the secret, its visible prefix,
-//! its owner and its limits. Keys are not ledger state; they live in their own table.
+//! its owner and its limits. Keys are not ledger state; they live in their own table,
+//! in SQLite or (for a cluster of nodes) in PostgreSQL.
 
 use crate::sqlite::open_connection;
 use crate::StoreError;
@@ -24,61 +25,131 @@ pub struct ApiKeyRecord {
     pub revoked_at: Option<Timestamp>,
 }
 
-pub struct ApiKeys {
-    connection: Connection,
+/// Where the key table lives: the embedded database, or PostgreSQL (shared by every
+/// node of a cluster, so a key works whichever node answers).
+enum Backend {
+    Sqlite(Connection),
+    Postgres(Box<postgres::Client>),
 }
+
+pub struct ApiKeys {
+    backend: Backend,
+}
+
+fn pg(error: postgres::Error) -> StoreError {
+    crate::postgres::database(error)
+}
+
+const COLUMNS: &str = "id, prefix, hash, organization, scopes, name, created_at, expires_at, revoked_at";
 
 impl ApiKeys {
     /// Opens the key table of a database that `SqliteStore::open` has migrated.
     pub fn open(path: impl AsRef<Path>) -> Result<ApiKeys, StoreError> {
-        Ok(ApiKeys { connection: open_connection(path.as_ref())? })
+        Ok(ApiKeys { backend: Backend::Sqlite(open_connection(path.as_ref())?) })
     }
 
-    pub fn insert(&self, record: &ApiKeyRecord) -> Result<u64, StoreError> {
-        self.connection.execute(
-            "INSERT INTO api_keys (prefix, hash, organization, scopes, name, created_at, expires_at, revoked_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, NULL)",
-            params![
-                record.prefix,
-                &record.hash[..],
-                record.organization.map(|o| o.0 as i64),
-                record.scopes,
-                record.name,
-                record.created_at,
-                record.expires_at
-            ],
-        )?;
-        Ok(self.connection.last_insert_rowid() as u64)
+    /// Opens the key table of a PostgreSQL database that `PostgresStore::open` has migrated.
+    pub fn open_postgres(url: &str, schema: Option<&str>) -> Result<ApiKeys, StoreError> {
+        Ok(ApiKeys { backend: Backend::Postgres(Box::new(crate::postgres::connect(url, schema)?)) })
     }
 
-    pub fn revoke(&self, id: u64, at: Timestamp) -> Result<bool, StoreError> {
-        let changed = self.connection.execute(
-            "UPDATE api_keys SET revoked_at = ?2 WHERE id = ?1 AND revoked_at IS NULL",
-            params![id as i64, at],
-        )?;
+    pub fn insert(&mut self, record: &ApiKeyRecord) -> Result<u64, StoreError> {
+        let organization = record.organization.map(|o| o.0 as i64);
+        match &mut self.backend {
+            Backend::Sqlite(connection) => {
+                connection.execute(
+                    "INSERT INTO api_keys (prefix, hash, organization, scopes, name, created_at, expires_at, revoked_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, NULL)",
+                    params![
+                        record.prefix,
+                        &record.hash[..],
+                        organization,
+                        record.scopes,
+                        record.name,
+                        record.created_at,
+                        record.expires_at
+                    ],
+                )?;
+                Ok(connection.last_insert_rowid() as u64)
+            }
+            Backend::Postgres(client) => {
+                let row = client
+                    .query_one(
+                        "INSERT INTO api_keys (prefix, hash, organization, scopes, name, created_at, expires_at, revoked_at)
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, NULL) RETURNING id",
+                        &[
+                            &record.prefix,
+                            &&record.hash[..],
+                            &organization,
+                            &record.scopes,
+                            &record.name,
+                            &record.created_at,
+                            &record.expires_at,
+                        ],
+                    )
+                    .map_err(pg)?;
+                Ok(row.get::<_, i64>(0) as u64)
+            }
+        }
+    }
+
+    pub fn revoke(&mut self, id: u64, at: Timestamp) -> Result<bool, StoreError> {
+        let changed = match &mut self.backend {
+            Backend::Sqlite(connection) => connection.execute(
+                "UPDATE api_keys SET revoked_at = ?2 WHERE id = ?1 AND revoked_at IS NULL",
+                params![id as i64, at],
+            )? as u64,
+            Backend::Postgres(client) => client
+                .execute(
+                    "UPDATE api_keys SET revoked_at = $2 WHERE id = $1 AND revoked_at IS NULL",
+                    &[&(id as i64), &at],
+                )
+                .map_err(pg)?,
+        };
         Ok(changed == 1)
     }
 
-    pub fn all(&self) -> Result<Vec<ApiKeyRecord>, StoreError> {
-        let mut statement = self.connection.prepare(
-            "SELECT id, prefix, hash, organization, scopes, name, created_at, expires_at, revoked_at FROM api_keys ORDER BY id",
-        )?;
-        let rows = statement.query_map([], |row| {
-            let hash: Vec<u8> = row.get(2)?;
+    pub fn all(&mut self) -> Result<Vec<ApiKeyRecord>, StoreError> {
+        let hash_of = |hash: &[u8]| {
             let mut fixed = [0u8; 32];
-            fixed.copy_from_slice(&hash[..32.min(hash.len())]);
-            Ok(ApiKeyRecord {
-                id: row.get::<_, i64>(0)? as u64,
-                prefix: row.get(1)?,
-                hash: fixed,
-                organization: row.get::<_, Option<i64>>(3)?.map(|o| OrganizationId(o as u64)),
-                scopes: row.get(4)?,
-                name: row.get(5)?,
-                created_at: row.get(6)?,
-                expires_at: row.get(7)?,
-                revoked_at: row.get(8)?,
-            })
-        })?;
-        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+            fixed[..32.min(hash.len())].copy_from_slice(&hash[..32.min(hash.len())]);
+            fixed
+        };
+        match &mut self.backend {
+            Backend::Sqlite(connection) => {
+                let mut statement = connection.prepare(&format!("SELECT {COLUMNS} FROM api_keys ORDER BY id"))?;
+                let rows = statement.query_map([], |row| {
+                    Ok(ApiKeyRecord {
+                        id: row.get::<_, i64>(0)? as u64,
+                        prefix: row.get(1)?,
+                        hash: hash_of(&row.get::<_, Vec<u8>>(2)?),
+                        organization: row.get::<_, Option<i64>>(3)?.map(|o| OrganizationId(o as u64)),
+                        scopes: row.get(4)?,
+                        name: row.get(5)?,
+                        created_at: row.get(6)?,
+                        expires_at: row.get(7)?,
+                        revoked_at: row.get(8)?,
+                    })
+                })?;
+                Ok(rows.collect::<Result<Vec<_>, _>>()?)
+            }
+            Backend::Postgres(client) => {
+                let rows = client.query(&format!("SELECT {COLUMNS} FROM api_keys ORDER BY id"), &[]).map_err(pg)?;
+                Ok(rows
+                    .iter()
+                    .map(|row| ApiKeyRecord {
+                        id: row.get::<_, i64>(0) as u64,
+                        prefix: row.get(1),
+                        hash: hash_of(row.get::<_, &[u8]>(2)),
+                        organization: row.get::<_, Option<i64>>(3).map(|o| OrganizationId(o as u64)),
+                        scopes: row.get(4),
+                        name: row.get(5),
+                        created_at: row.get(6),
+                        expires_at: row.get(7),
+                        revoked_at: row.get(8),
+                    })
+                    .collect())
+            }
+        }
     }
 }

@@ -15,7 +15,7 @@ pub mod webhooks;
 pub use api_keys::{ApiKeyRecord, ApiKeys};
 pub use check::{deep_check, CheckReport};
 pub use codec::{decode_commands, decode_receipts, FORMAT_VERSION};
-pub use postgres::{Lease, PostgresStore};
+pub use postgres::{JournalMirror, Lease, PostgresStore};
 pub use projector::{
     ChargeDetail, EventFilter, EventRow, HistoryReader, Movement, MovementFilter, Projector, UsageRecord, PAGE_SIZE_MAX,
 };

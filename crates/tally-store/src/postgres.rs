@@ -30,6 +30,18 @@ const MIGRATIONS: &[&str] = &[
         epoch BIGINT NOT NULL,
         expires_at TIMESTAMPTZ NOT NULL
     );",
+    // API keys, shared by every node (only hashes, as in SQLite).
+    "CREATE TABLE api_keys (
+        id BIGSERIAL PRIMARY KEY,
+        prefix TEXT NOT NULL,
+        hash BYTEA NOT NULL UNIQUE,
+        organization BIGINT,
+        scopes TEXT NOT NULL,
+        name TEXT NOT NULL,
+        created_at BIGINT NOT NULL,
+        expires_at BIGINT,
+        revoked_at BIGINT
+    );",
 ];
 
 /// Snapshots kept besides the newest.
@@ -55,11 +67,11 @@ pub struct Lease {
     pub remaining_ms: i64,
 }
 
-fn database(error: postgres::Error) -> StoreError {
+pub(crate) fn database(error: postgres::Error) -> StoreError {
     StoreError::Postgres(error.to_string())
 }
 
-fn connect(url: &str, schema: Option<&str>) -> Result<Client, StoreError> {
+pub(crate) fn connect(url: &str, schema: Option<&str>) -> Result<Client, StoreError> {
     let mut config: postgres::Config = url.parse().map_err(database)?;
     // Named by schema, so an operator (or a test) can tell this node's connection apart.
     config.application_name(&format!("tally:{}", schema.unwrap_or("public")));
@@ -173,6 +185,17 @@ impl PostgresStore {
             self.lease = Some((holder.to_string(), epoch));
         }
         Ok(epoch)
+    }
+
+    /// Makes this connection act for a lease taken on another one (the node renews on
+    /// its own connection while the engine commits on the store's).
+    pub fn adopt_lease(&mut self, holder: &str, epoch: i64) {
+        self.lease = Some((holder.to_string(), epoch));
+    }
+
+    /// The holder and epoch this store commits under, if any.
+    pub fn held_lease(&self) -> Option<(String, i64)> {
+        self.lease.clone()
     }
 
     /// Extends the lease this store holds; false when it was lost (taken over).
@@ -329,4 +352,130 @@ fn fence(transaction: &mut postgres::Transaction<'_>, lease: &Option<(String, i6
         Some(_) => Ok(()),
         None => Err(StoreError::Fenced { holder: holder.clone(), epoch: *epoch }),
     }
+}
+
+/// Keeps a node's local SQLite journal a copy of PostgreSQL's, so the node's history
+/// projection (movements, events, webhooks) works as on the embedded store. The copy is
+/// a cache: it is only ever appended from PostgreSQL, in sequence order.
+pub struct JournalMirror {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    wake: std::sync::Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// Journal records copied per round.
+const MIRROR_PAGE: i64 = 1_000;
+
+impl JournalMirror {
+    /// Copies new records from `url` into the SQLite database at `path` (migrated by
+    /// `SqliteStore::open`) every `poll`, or at once after `notify`, then calls
+    /// `copied`.
+    pub fn spawn(
+        url: &str,
+        schema: Option<&str>,
+        path: &std::path::Path,
+        poll: std::time::Duration,
+        copied: impl Fn() + Send + 'static,
+    ) -> Result<JournalMirror, StoreError> {
+        use std::sync::atomic::Ordering;
+        let local = crate::sqlite::open_connection(path)?;
+        let (url, schema) = (url.to_string(), schema.map(str::to_string));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let wake = std::sync::Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()));
+        let thread = {
+            let (stop, wake) = (stop.clone(), wake.clone());
+            std::thread::Builder::new()
+                .name("tally-mirror".into())
+                .spawn(move || {
+                    let mut remote: Option<Client> = None;
+                    while !stop.load(Ordering::Acquire) {
+                        let copied_some = match mirror_some(&mut remote, &url, schema.as_deref(), &local) {
+                            Ok(count) => count > 0,
+                            Err(error) => {
+                                tracing::warn!(%error, "copying the journal from PostgreSQL failed; retrying");
+                                remote = None;
+                                false
+                            }
+                        };
+                        if copied_some {
+                            copied();
+                            continue;
+                        }
+                        let (flag, condvar) = &*wake;
+                        let mut woken = flag.lock().expect("mirror wake lock");
+                        if !*woken {
+                            woken = condvar.wait_timeout(woken, poll).expect("mirror wake lock").0;
+                        }
+                        *woken = false;
+                    }
+                })
+                .expect("spawn mirror thread")
+        };
+        Ok(JournalMirror { stop, wake, thread: Some(thread) })
+    }
+
+    /// New records are in PostgreSQL (the engine committed).
+    pub fn notify(&self) {
+        let (flag, condvar) = &*self.wake;
+        *flag.lock().expect("mirror wake lock") = true;
+        condvar.notify_one();
+    }
+}
+
+impl Drop for JournalMirror {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Release);
+        self.notify();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn mirror_some(
+    remote: &mut Option<Client>,
+    url: &str,
+    schema: Option<&str>,
+    local: &rusqlite::Connection,
+) -> Result<usize, StoreError> {
+    if remote.as_ref().is_none_or(|client| client.is_closed()) {
+        *remote = Some(connect(url, schema)?);
+    }
+    let client = remote.as_mut().expect("connected above");
+    let last: i64 = local.query_row("SELECT COALESCE(MAX(seq), 0) FROM journal", [], |row| row.get(0))?;
+    let rows = client
+        .query(
+            "SELECT seq, at, format, command_count, commands, receipts FROM journal WHERE seq > $1 ORDER BY seq LIMIT $2",
+            &[&last, &MIRROR_PAGE],
+        )
+        .map_err(database)?;
+    if rows.is_empty() {
+        return Ok(0);
+    }
+    let transaction = local.unchecked_transaction()?;
+    let mut inserted = 0;
+    {
+        let mut insert = transaction.prepare_cached(
+            "INSERT OR IGNORE INTO journal (seq, at, format, command_count, commands, receipts) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        )?;
+        for (expected, row) in (last + 1..).zip(rows.iter()) {
+            let seq: i64 = row.get(0);
+            if seq != expected {
+                // A gap: a commit with a lower sequence is not visible yet. Stop here
+                // and copy it next round, so the copy never skips a record.
+                break;
+            }
+            insert.execute(rusqlite::params![
+                seq,
+                row.get::<_, i64>(1),
+                row.get::<_, i32>(2),
+                row.get::<_, i32>(3),
+                row.get::<_, &[u8]>(4),
+                row.get::<_, &[u8]>(5)
+            ])?;
+            inserted += 1;
+        }
+    }
+    transaction.commit()?;
+    Ok(inserted)
 }
