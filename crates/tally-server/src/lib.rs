@@ -248,6 +248,18 @@ fn api_router() -> utoipa_axum::router::OpenApiRouter<Arc<AppState>> {
         .merge(payouts::routes())
 }
 
+/// Starts the background work of a serving node: webhook delivery, the NATS sink, and
+/// the payment and payout workers. Only the node that writes runs them.
+pub fn spawn_workers(state: &Arc<AppState>) -> Vec<tokio::task::JoinHandle<()>> {
+    let mut tasks: Vec<tokio::task::JoinHandle<()>> = webhooks::spawn_dispatcher(state.clone()).into_iter().collect();
+    if let (Some(config), Some(webhooks)) = (state.nats.clone(), state.webhooks.clone()) {
+        tasks.push(nats::spawn(webhooks, config));
+    }
+    tasks.extend(payments::spawn_worker(state.clone()));
+    tasks.extend(payouts::spawn_worker(state.clone()));
+    tasks
+}
+
 /// Serves until `shutdown` resolves, then stops taking connections and finishes the
 /// requests in progress. The caller owns the listener (tests bind port 0).
 pub async fn serve(
@@ -255,12 +267,7 @@ pub async fn serve(
     state: Arc<AppState>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let mut tasks: Vec<tokio::task::JoinHandle<()>> = webhooks::spawn_dispatcher(state.clone()).into_iter().collect();
-    if let (Some(config), Some(webhooks)) = (state.nats.clone(), state.webhooks.clone()) {
-        tasks.push(nats::spawn(webhooks, config));
-    }
-    tasks.extend(payments::spawn_worker(state.clone()));
-    tasks.extend(payouts::spawn_worker(state.clone()));
+    let tasks = spawn_workers(&state);
     let served = axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await;
     for task in tasks {
         task.abort();

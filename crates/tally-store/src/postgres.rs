@@ -68,7 +68,10 @@ pub struct Lease {
 }
 
 pub(crate) fn database(error: postgres::Error) -> StoreError {
-    StoreError::Postgres(error.to_string())
+    match error.as_db_error() {
+        Some(db) => StoreError::Postgres(format!("{} ({}): {}", error, db.code().code(), db.message())),
+        None => StoreError::Postgres(error.to_string()),
+    }
 }
 
 pub(crate) fn connect(url: &str, schema: Option<&str>) -> Result<Client, StoreError> {
@@ -77,9 +80,19 @@ pub(crate) fn connect(url: &str, schema: Option<&str>) -> Result<Client, StoreEr
     config.application_name(&format!("tally:{}", schema.unwrap_or("public")));
     let mut client = config.connect(NoTls).map_err(database)?;
     if let Some(schema) = schema {
-        client
-            .batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {schema}; SET search_path TO {schema}"))
-            .map_err(database)?;
+        // Two nodes starting at once can race to create the schema; the loser sees a
+        // unique violation and finds it there on the next try.
+        let mut attempts = 0;
+        loop {
+            match client.batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {schema}")) {
+                Ok(()) => break,
+                Err(error) if attempts < 3 && error.code() == Some(&postgres::error::SqlState::UNIQUE_VIOLATION) => {
+                    attempts += 1;
+                }
+                Err(error) => return Err(database(error)),
+            }
+        }
+        client.batch_execute(&format!("SET search_path TO {schema}")).map_err(database)?;
     }
     Ok(client)
 }

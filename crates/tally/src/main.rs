@@ -2,6 +2,7 @@
 
 mod bench;
 mod client;
+mod cluster;
 mod crash_worker;
 mod memory;
 
@@ -105,17 +106,38 @@ struct DatabaseArgs {
     /// Directory holding the database file (tally.db); created if missing.
     #[arg(long, env = "TALLY_DATA_DIR", default_value = "data")]
     data_dir: PathBuf,
-    /// The database, as `sqlite:PATH`; overrides --data-dir.
+    /// The database: `sqlite:PATH` (overrides --data-dir) or `postgres://user@host/db`
+    /// (the ledger in PostgreSQL, shared by every node; --data-dir then holds this node's
+    /// local files).
     #[arg(long, env = "TALLY_DATABASE_URL")]
     database_url: Option<String>,
+    /// On PostgreSQL, the schema Tally's tables live in (created if missing); one
+    /// database can hold several independent ledgers this way.
+    #[arg(long, env = "TALLY_DATABASE_SCHEMA")]
+    database_schema: Option<String>,
 }
 
 impl DatabaseArgs {
+    /// The PostgreSQL URL, when the database is PostgreSQL.
+    fn postgres_url(&self) -> Option<&str> {
+        self.database_url.as_deref().filter(|url| url.starts_with("postgres://") || url.starts_with("postgresql://"))
+    }
+
+    /// The node's own directory: the database on SQLite; on PostgreSQL, the node's local
+    /// files (its copy of the journal for history, webhook deliveries, sandbox records).
+    fn local_path(&self) -> anyhow::Result<PathBuf> {
+        if self.postgres_url().is_some() {
+            std::fs::create_dir_all(&self.data_dir).with_context(|| format!("creating {}", self.data_dir.display()))?;
+            return Ok(self.data_dir.join("tally.db"));
+        }
+        self.path()
+    }
+
     fn path(&self) -> anyhow::Result<PathBuf> {
         match &self.database_url {
             Some(url) => match url.strip_prefix("sqlite:") {
                 Some(path) => Ok(PathBuf::from(path.trim_start_matches("//"))),
-                None => bail!("unsupported database URL {url:?}: this build serves sqlite:PATH"),
+                None => bail!("unsupported database URL {url:?}: use sqlite:PATH or postgres://..."),
             },
             None => {
                 std::fs::create_dir_all(&self.data_dir)
@@ -184,6 +206,20 @@ struct ServeArgs {
     /// payout rail is asked.
     #[arg(long, env = "TALLY_FAULT", hide = true)]
     fault: Option<String>,
+    /// On PostgreSQL: how long the writer's lease lasts without renewal, in ms. A standby
+    /// takes over this long after the leader stops renewing.
+    #[arg(long, env = "TALLY_LEASE_MS", default_value_t = 3_000)]
+    lease_ms: u64,
+    /// On PostgreSQL: how often the leader renews its lease, in ms (well under the lease).
+    #[arg(long, env = "TALLY_LEASE_RENEW_MS", default_value_t = 1_000)]
+    lease_renew_ms: u64,
+    /// On PostgreSQL: how often a standby tries to take the lease, in ms.
+    #[arg(long, env = "TALLY_TAKEOVER_POLL_MS", default_value_t = 500)]
+    takeover_poll_ms: u64,
+    /// On PostgreSQL: the address other nodes and clients reach this node at, given to
+    /// clients that ask a standby where the leader is (default http://<listen>).
+    #[arg(long, env = "TALLY_ADVERTISE_URL")]
+    advertise_url: Option<String>,
     /// Publish every event to this NATS server's JetStream (nats://host:port); off when unset.
     #[arg(long, env = "TALLY_NATS_URL")]
     nats_url: Option<String>,
@@ -232,10 +268,35 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    if args.database.postgres_url().is_some() {
+        return cluster::serve(args);
+    }
     let path = args.database.path()?;
     let store = SqliteStore::open(&path).with_context(|| format!("opening {}", path.display()))?;
     let projector = Arc::new(Projector::spawn(&path)?);
-    let config = EngineConfig {
+    let notify = projector.clone();
+    let clock = Arc::new(SystemClock);
+    let engine = Engine::start(store, clock.clone(), engine_config(&args), Some(Box::new(move |_| notify.notify())))
+        .context("starting the engine (the database failed its checks?)")?;
+    let keys = tally_server::KeyRing::new(ApiKeys::open(&path)?)?;
+    bootstrap_key(&keys, &*clock)?;
+    let state = app_state(&args, &path, engine.handle(), projector, keys, clock)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind(&args.listen)
+            .await
+            .with_context(|| format!("listening on {}", args.listen))?;
+        tracing::info!(address = %listener.local_addr()?, database = %path.display(), "tally is serving");
+        tally_server::serve(listener, state, shutdown_signal()).await?;
+        anyhow::Ok(())
+    })?;
+    tracing::info!("shutting down: draining the engine queue");
+    engine.shutdown();
+    Ok(())
+}
+
+fn engine_config(args: &ServeArgs) -> EngineConfig {
+    EngineConfig {
         queue_capacity: args.queue_capacity,
         batch_size_max: args.batch_size_max,
         settings: tally_ledger::Settings {
@@ -245,19 +306,30 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             platform_fee: tally_ledger::PartsPerMillion(args.platform_fee_ppm),
         },
         ..EngineConfig::default()
-    };
-    let notify = projector.clone();
-    let clock = Arc::new(SystemClock);
-    let engine = Engine::start(store, clock.clone(), config, Some(Box::new(move |_| notify.notify())))
-        .context("starting the engine (the database failed its checks?)")?;
-    let keys = tally_server::KeyRing::new(ApiKeys::open(&path)?)?;
+    }
+}
+
+/// On first start (no keys at all), makes a platform admin key and prints it once.
+fn bootstrap_key(keys: &tally_server::KeyRing, clock: &dyn tally_engine::Clock) -> anyhow::Result<()> {
     if keys.is_empty() {
-        let key =
-            keys.insert(tally_server::generate_key(None, true, "bootstrap", tally_engine::Clock::now(&*clock), None))?;
+        let key = keys.insert(tally_server::generate_key(None, true, "bootstrap", clock.now(), None))?;
         println!("Platform admin API key (shown once, keep it safe): {}", key.secret);
     }
+    Ok(())
+}
+
+/// The HTTP service's state: the engine, history at `path`, keys, webhooks, payments
+/// and payouts as the settings say.
+fn app_state(
+    args: &ServeArgs,
+    path: &std::path::Path,
+    handle: tally_engine::Handle,
+    projector: Arc<Projector>,
+    keys: tally_server::KeyRing,
+    clock: Arc<SystemClock>,
+) -> anyhow::Result<Arc<tally_server::AppState>> {
     let webhooks = tally_server::webhooks::Webhooks::new(
-        tally_store::webhooks::WebhookStore::open(&path)?,
+        tally_store::webhooks::WebhookStore::open(path)?,
         tally_server::webhooks::WebhookConfig {
             allow_private: args.webhooks_allow_private,
             retry_window_ms: args.webhooks_retry_hours.saturating_mul(3_600_000),
@@ -287,7 +359,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         ..tally_server::payments::PaymentsConfig::default()
     };
     let state = Arc::new(
-        tally_server::AppState::new(engine.handle(), projector, HistoryReader::open(&path)?, keys, clock)
+        tally_server::AppState::new(handle, projector, HistoryReader::open(path)?, keys, clock)
             .with_webhooks(webhooks)
             .with_payments(provider, payments_config)
             .with_payouts(tally_server::payouts::PayoutService::new(
@@ -303,29 +375,18 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 std::time::Duration::from_millis(250),
             )),
     );
-    let state = match args.nats_url {
+    let state = match args.nats_url.clone() {
         Some(url) => {
             let config = tally_server::nats::NatsConfig {
                 url,
-                stream: args.nats_stream,
-                subject_prefix: args.nats_subject_prefix,
+                stream: args.nats_stream.clone(),
+                subject_prefix: args.nats_subject_prefix.clone(),
             };
             Arc::new(Arc::into_inner(state).expect("not shared yet").with_nats(config))
         }
         None => state,
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    runtime.block_on(async {
-        let listener = tokio::net::TcpListener::bind(&args.listen)
-            .await
-            .with_context(|| format!("listening on {}", args.listen))?;
-        tracing::info!(address = %listener.local_addr()?, database = %path.display(), "tally is serving");
-        tally_server::serve(listener, state, shutdown_signal()).await?;
-        anyhow::Ok(())
-    })?;
-    tracing::info!("shutting down: draining the engine queue");
-    engine.shutdown();
-    Ok(())
+    Ok(state)
 }
 
 fn create_key(
