@@ -56,6 +56,18 @@ impl Caller {
     }
 }
 
+/// Runs a call into the key table, which may block on the network (PostgreSQL's sync
+/// client runs its own runtime and must not run on an async worker): on a
+/// multi-threaded runtime it runs as a blocking section; elsewhere directly.
+fn blocking<T>(call: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(handle) if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(call)
+        }
+        _ => call(),
+    }
+}
+
 /// A newly made key: the secret is shown once and never stored.
 pub struct NewKey {
     pub secret: String,
@@ -142,7 +154,7 @@ impl KeyRing {
         {
             return;
         }
-        match self.store.lock().expect("key store lock").all() {
+        match blocking(|| self.store.lock().expect("key store lock").all()) {
             Ok(fresh) => {
                 *self.cache.write().expect("key cache lock") = fresh.into_iter().map(|r| (r.hash, r)).collect()
             }
@@ -173,13 +185,13 @@ impl KeyRing {
     }
 
     pub fn insert(&self, mut key: NewKey) -> Result<NewKey, tally_store::StoreError> {
-        key.record.id = self.store.lock().expect("key store lock").insert(&key.record)?;
+        key.record.id = blocking(|| self.store.lock().expect("key store lock").insert(&key.record))?;
         self.cache.write().expect("key cache lock").insert(key.record.hash, key.record.clone());
         Ok(key)
     }
 
     pub fn revoke(&self, id: u64, now: Timestamp) -> Result<bool, tally_store::StoreError> {
-        let revoked = self.store.lock().expect("key store lock").revoke(id, now)?;
+        let revoked = blocking(|| self.store.lock().expect("key store lock").revoke(id, now))?;
         if revoked {
             for record in self.cache.write().expect("key cache lock").values_mut() {
                 if record.id == id {

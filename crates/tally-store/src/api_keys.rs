@@ -29,7 +29,7 @@ pub struct ApiKeyRecord {
 /// node of a cluster, so a key works whichever node answers).
 enum Backend {
     Sqlite(Connection),
-    Postgres(Box<postgres::Client>),
+    Postgres { client: Box<postgres::Client>, url: String, schema: Option<String> },
 }
 
 pub struct ApiKeys {
@@ -50,10 +50,22 @@ impl ApiKeys {
 
     /// Opens the key table of a PostgreSQL database that `PostgresStore::open` has migrated.
     pub fn open_postgres(url: &str, schema: Option<&str>) -> Result<ApiKeys, StoreError> {
-        Ok(ApiKeys { backend: Backend::Postgres(Box::new(crate::postgres::connect(url, schema)?)) })
+        let client = Box::new(crate::postgres::connect(url, schema)?);
+        Ok(ApiKeys { backend: Backend::Postgres { client, url: url.to_string(), schema: schema.map(str::to_string) } })
+    }
+
+    /// Connects again if the PostgreSQL connection was lost (a database restart).
+    fn reconnect_if_closed(&mut self) -> Result<(), StoreError> {
+        if let Backend::Postgres { client, url, schema } = &mut self.backend {
+            if client.is_closed() {
+                **client = crate::postgres::connect(url, schema.as_deref())?;
+            }
+        }
+        Ok(())
     }
 
     pub fn insert(&mut self, record: &ApiKeyRecord) -> Result<u64, StoreError> {
+        self.reconnect_if_closed()?;
         let organization = record.organization.map(|o| o.0 as i64);
         match &mut self.backend {
             Backend::Sqlite(connection) => {
@@ -72,7 +84,7 @@ impl ApiKeys {
                 )?;
                 Ok(connection.last_insert_rowid() as u64)
             }
-            Backend::Postgres(client) => {
+            Backend::Postgres { client, .. } => {
                 let row = client
                     .query_one(
                         "INSERT INTO api_keys (prefix, hash, organization, scopes, name, created_at, expires_at, revoked_at)
@@ -94,12 +106,13 @@ impl ApiKeys {
     }
 
     pub fn revoke(&mut self, id: u64, at: Timestamp) -> Result<bool, StoreError> {
+        self.reconnect_if_closed()?;
         let changed = match &mut self.backend {
             Backend::Sqlite(connection) => connection.execute(
                 "UPDATE api_keys SET revoked_at = ?2 WHERE id = ?1 AND revoked_at IS NULL",
                 params![id as i64, at],
             )? as u64,
-            Backend::Postgres(client) => client
+            Backend::Postgres { client, .. } => client
                 .execute(
                     "UPDATE api_keys SET revoked_at = $2 WHERE id = $1 AND revoked_at IS NULL",
                     &[&(id as i64), &at],
@@ -110,6 +123,7 @@ impl ApiKeys {
     }
 
     pub fn all(&mut self) -> Result<Vec<ApiKeyRecord>, StoreError> {
+        self.reconnect_if_closed()?;
         let hash_of = |hash: &[u8]| {
             let mut fixed = [0u8; 32];
             fixed[..32.min(hash.len())].copy_from_slice(&hash[..32.min(hash.len())]);
@@ -133,7 +147,7 @@ impl ApiKeys {
                 })?;
                 Ok(rows.collect::<Result<Vec<_>, _>>()?)
             }
-            Backend::Postgres(client) => {
+            Backend::Postgres { client, .. } => {
                 let rows = client.query(&format!("SELECT {COLUMNS} FROM api_keys ORDER BY id"), &[]).map_err(pg)?;
                 Ok(rows
                     .iter()
