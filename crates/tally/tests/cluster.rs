@@ -304,7 +304,7 @@ fn a_paused_leader_is_fenced_when_it_resumes_and_steps_down() {
         let key = format!("before-{n}");
         assert!(credit_until_acknowledged(
             &client,
-            &[leader.base.clone()],
+            std::slice::from_ref(&leader.base),
             &admin,
             &key,
             Instant::now() + Duration::from_secs(10)
@@ -319,7 +319,7 @@ fn a_paused_leader_is_fenced_when_it_resumes_and_steps_down() {
         let key = format!("after-{n}");
         assert!(credit_until_acknowledged(
             &client,
-            &[standby.base.clone()],
+            std::slice::from_ref(&standby.base),
             &admin,
             &key,
             Instant::now() + Duration::from_secs(10)
