@@ -5,8 +5,10 @@
 //! and the state machine work at the same time; answers still leave strictly in order.
 
 mod clock;
+mod follower;
 
 pub use clock::{Clock, ManualClock, SystemClock};
+pub use follower::Follower;
 
 use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender, TrySendError};
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
@@ -55,6 +57,9 @@ pub enum EngineError {
     Storage(String),
     #[error("the engine is shutting down")]
     ShuttingDown,
+    /// This node follows the journal as a standby; writes go to the leader.
+    #[error("this node is a standby; send writes to the leader")]
+    NotLeader { leader: Option<String> },
 }
 
 #[derive(Clone, Debug)]

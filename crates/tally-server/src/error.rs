@@ -10,15 +10,17 @@ pub struct ApiError {
     pub code: &'static str,
     pub detail: String,
     pub field: Option<String>,
+    /// For `not_leader`: where the leader is.
+    pub leader: Option<String>,
 }
 
 impl ApiError {
     pub fn new(code: &'static str, detail: impl Into<String>) -> ApiError {
-        ApiError { code, detail: detail.into(), field: None }
+        ApiError { code, detail: detail.into(), field: None, leader: None }
     }
 
     pub fn field(code: &'static str, field: &str, detail: impl Into<String>) -> ApiError {
-        ApiError { code, detail: detail.into(), field: Some(field.to_string()) }
+        ApiError { code, detail: detail.into(), field: Some(field.to_string()), leader: None }
     }
 
     pub fn not_found() -> ApiError {
@@ -140,7 +142,7 @@ pub fn status_of(code: &str) -> StatusCode {
         | "organization_not_verified" => StatusCode::UNPROCESSABLE_ENTITY,
         "provider_unavailable" => StatusCode::BAD_GATEWAY,
         "rate_limited" => StatusCode::TOO_MANY_REQUESTS,
-        "busy" | "not_ready" | "shutting_down" => StatusCode::SERVICE_UNAVAILABLE,
+        "busy" | "not_ready" | "shutting_down" | "not_leader" => StatusCode::SERVICE_UNAVAILABLE,
         _ => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
@@ -157,6 +159,9 @@ impl From<EngineError> for ApiError {
             EngineError::Rejected(rejection) => rejection.into(),
             EngineError::Busy => ApiError::new("busy", "the ledger is at capacity; retry shortly"),
             EngineError::ShuttingDown => ApiError::new("shutting_down", "the server is shutting down"),
+            EngineError::NotLeader { leader } => {
+                ApiError { leader, ..ApiError::new("not_leader", "this node is a standby; send writes to the leader") }
+            }
             EngineError::Storage(detail) => {
                 tracing::error!(%detail, "storage error answered as 503");
                 ApiError::new("not_ready", "storage is unavailable; nothing was applied, retry shortly")
@@ -177,6 +182,9 @@ impl IntoResponse for ApiError {
         });
         if let Some(field) = self.field {
             body["field"] = field.into();
+        }
+        if self.code == "not_leader" {
+            body["leader"] = self.leader.into();
         }
         let mut response = (status, body.to_string()).into_response();
         response.headers_mut().insert(header::CONTENT_TYPE, "application/problem+json".parse().expect("valid header"));

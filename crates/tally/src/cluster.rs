@@ -1,6 +1,7 @@
 //! `tally serve` on PostgreSQL: any number of nodes share one database; one holds the
-//! writer's lease and runs the engine, the others are standbys that answer 503 with the
-//! leader's address and take over when the lease lapses.
+//! writer's lease and runs the engine; the others are standbys that follow the journal,
+//! serve reads from it, answer writes with 503 and the leader's address, and take over
+//! when the lease lapses.
 //!
 //! The lease is a row (holder, epoch, expiry by the database's clock). The leader renews
 //! it on its own connection; every journal commit checks holder and epoch in the same
@@ -16,9 +17,12 @@ use axum::response::{IntoResponse, Response};
 use axum::Router;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
-use tally_engine::{Engine, SystemClock};
+use tally_engine::{Engine, Follower, SystemClock};
 use tally_store::{ApiKeys, JournalMirror, PostgresStore, Projector, SqliteStore};
 use tower::ServiceExt;
+
+/// How often a standby reads new journal records.
+const FOLLOW_POLL_MS: u64 = 100;
 
 /// The exit status of a leader that lost its lease (EX_TEMPFAIL: start again).
 pub const STEPPED_DOWN: i32 = 75;
@@ -77,7 +81,20 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
     };
     tracing::info!(%address, node = %holder, "tally node started on PostgreSQL; standby until it holds the lease");
 
-    // Standby: try for the lease until it is ours.
+    // Standby: follow the journal and serve reads from it, trying for the lease until
+    // it is ours.
+    let clock = Arc::new(SystemClock);
+    let follower = Follower::start(
+        PostgresStore::open_in_schema(&url, schema.as_deref())?,
+        Duration::from_millis(FOLLOW_POLL_MS),
+        leader.clone(),
+    )
+    .context("loading the ledger from PostgreSQL to follow it")?;
+    {
+        let keys = tally_server::KeyRing::new(ApiKeys::open_postgres(&url, schema.as_deref())?)?;
+        let standby = app_state(&args, &local, follower.handle(), projector.clone(), keys, clock.clone())?;
+        *current.write().expect("router lock") = tally_server::router(standby);
+    }
     let epoch = loop {
         if *stopped.borrow() {
             runtime.block_on(server)??;
@@ -98,9 +115,9 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let took_over = Instant::now();
     store.adopt_lease(&holder, epoch);
     spawn_renewal(lease, Duration::from_millis(args.lease_renew_ms), lease_ms);
+    follower.stop();
 
     // Leader: load the ledger from the database and serve.
-    let clock = Arc::new(SystemClock);
     let notify = mirror.clone();
     let engine = Engine::start(store, clock.clone(), engine_config(&args), Some(Box::new(move |_| notify.notify())))
         .context("loading the ledger from PostgreSQL")?;
@@ -143,8 +160,8 @@ fn spawn_renewal(mut lease: PostgresStore, every: Duration, lease_ms: i64) {
         .expect("spawn lease thread");
 }
 
-/// What a standby answers: healthy, not ready, and 503 `not_leader` with the leader's
-/// address for everything else.
+/// What a node answers while it loads the ledger to follow it: healthy, not ready,
+/// and 503 `not_leader` with the leader's address for everything else.
 fn standby_router(leader: Arc<Mutex<Option<String>>>) -> Router {
     Router::new()
         .route(
