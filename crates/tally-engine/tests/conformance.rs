@@ -340,8 +340,10 @@ fn a_writer_that_lost_its_lease_commits_nothing() {
     let open = || PostgresStore::open_in_schema(&url, Some(&schema)).unwrap();
     let clock = Arc::new(ManualClock::new(START));
     let mut first = open();
-    assert_eq!(first.acquire_lease("node-a", 300).unwrap(), Some(1));
-    assert_eq!(first.acquire_lease("node-a", 300).unwrap(), Some(1), "the holder keeps its epoch");
+    // Long enough that a loaded machine gets through the writes below within it.
+    const LEASE_MS: i64 = 2_000;
+    assert_eq!(first.acquire_lease("node-a", LEASE_MS).unwrap(), Some(1));
+    assert_eq!(first.acquire_lease("node-a", LEASE_MS).unwrap(), Some(1), "the holder keeps its epoch");
     let engine_a = Engine::start(first, clock.clone(), EngineConfig::default(), None).unwrap();
     let a = engine_a.handle();
     a.execute(Command::CreateOrganization { name: "o".into(), roles: Roles::default() }).unwrap();
@@ -354,10 +356,11 @@ fn a_writer_that_lost_its_lease_commits_nothing() {
     .unwrap();
     a.execute(mv("a1", credit(1, "10.00", None))).unwrap();
     let mut second = open();
-    assert_eq!(second.acquire_lease("node-b", 300).unwrap(), None, "held by node-a");
+    assert_eq!(second.acquire_lease("node-b", LEASE_MS).unwrap(), None, "held by node-a");
     // node-a stops renewing (paused); once the lease lapses node-b takes over.
-    std::thread::sleep(std::time::Duration::from_millis(400));
-    assert_eq!(second.acquire_lease("node-b", 300).unwrap(), Some(2));
+    let lapse = second.lease().unwrap().unwrap().remaining_ms.max(0) as u64 + 100;
+    std::thread::sleep(std::time::Duration::from_millis(lapse));
+    assert_eq!(second.acquire_lease("node-b", LEASE_MS).unwrap(), Some(2));
     let lease = second.lease().unwrap().unwrap();
     assert_eq!((lease.holder.as_str(), lease.epoch), ("node-b", 2));
     let engine_b = Engine::start(second, clock.clone(), EngineConfig::default(), None).unwrap();
