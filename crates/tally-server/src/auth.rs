@@ -48,6 +48,13 @@ impl Caller {
         }
     }
 
+    /// The API key's id, which rate limits count against.
+    pub fn key_id(&self) -> u64 {
+        match self {
+            Caller::Admin { key } | Caller::Organization { key, .. } => *key,
+        }
+    }
+
     pub fn require_write(&self) -> Result<(), ApiError> {
         match self {
             Caller::Organization { write: false, .. } => Err(ApiError::new("forbidden", "this API key is read-only")),
@@ -238,5 +245,56 @@ impl KeyRing {
                 write: record.scopes.split(',').any(|s| s == "write"),
             },
         })
+    }
+}
+
+/// Requests per second each API key may make: a token bucket per key that refills at
+/// `per_second` and holds at most one second's worth. Over it, requests get 429
+/// `rate_limited` with Retry-After. Sharded by key so keys do not contend.
+pub struct RateLimiter {
+    per_second: std::sync::atomic::AtomicU32,
+    shards: Vec<Mutex<HashMap<u64, (f64, std::time::Instant)>>>,
+}
+
+const RATE_SHARDS: usize = 16;
+/// Buckets kept per shard before idle ones are dropped.
+const RATE_BUCKETS_PER_SHARD_MAX: usize = 4_096;
+
+impl RateLimiter {
+    /// `per_second` of 0 turns limiting off.
+    pub fn new(per_second: u32) -> RateLimiter {
+        RateLimiter {
+            per_second: std::sync::atomic::AtomicU32::new(per_second),
+            shards: (0..RATE_SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+        }
+    }
+
+    /// Changes the limit while serving (0: off).
+    pub fn set(&self, per_second: u32) {
+        self.per_second.store(per_second, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn check(&self, key: u64) -> Result<(), ApiError> {
+        let per_second = f64::from(self.per_second.load(std::sync::atomic::Ordering::Relaxed));
+        if per_second <= 0.0 {
+            return Ok(());
+        }
+        let now = std::time::Instant::now();
+        let mut shard = self.shards[(key as usize) % RATE_SHARDS].lock().expect("rate shard lock");
+        if shard.len() >= RATE_BUCKETS_PER_SHARD_MAX && !shard.contains_key(&key) {
+            // Idle a second or more: full again, so forgetting them changes nothing.
+            shard.retain(|_, (_, at)| now.duration_since(*at).as_secs_f64() < 1.0);
+        }
+        let (tokens, at) = shard.entry(key).or_insert((per_second, now));
+        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * per_second).min(per_second);
+        *at = now;
+        if *tokens < 1.0 {
+            return Err(ApiError::new(
+                "rate_limited",
+                format!("this API key is limited to {per_second} requests per second; retry shortly"),
+            ));
+        }
+        *tokens -= 1.0;
+        Ok(())
     }
 }

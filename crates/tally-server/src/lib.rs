@@ -14,7 +14,7 @@ pub mod time;
 mod views;
 pub mod webhooks;
 
-pub use auth::{generate as generate_key, Caller, KeyRing, NewKey};
+pub use auth::{generate as generate_key, Caller, KeyRing, NewKey, RateLimiter};
 pub use error::{status_of, ApiError};
 
 use axum::extract::rejection::JsonRejection;
@@ -34,6 +34,9 @@ use tally_engine::{Answer, Clock, Handle, Request as EngineRequest};
 use tally_ledger::*;
 use tally_store::{HistoryReader, MovementFilter, Projector};
 
+/// Requests per second per API key unless configured: far above what one machine
+/// serves, so it stops a runaway client without shaping normal traffic.
+pub const RATE_LIMIT_DEFAULT: u32 = 100_000;
 /// Largest request body: every request here is a few hundred bytes.
 pub const BODY_BYTES_MAX: usize = 64 * 1024;
 /// Most active holds one listing returns.
@@ -62,6 +65,8 @@ pub struct AppState {
     pub payouts: Option<Arc<payouts::PayoutService>>,
     /// Portal sessions and one-time portal links.
     pub portal: portal::Sessions,
+    /// Requests per second per API key.
+    pub rate_limit: RateLimiter,
 }
 
 impl AppState {
@@ -86,6 +91,7 @@ impl AppState {
             payments: None,
             payouts: None,
             portal: portal::Sessions::default(),
+            rate_limit: RateLimiter::new(RATE_LIMIT_DEFAULT),
         }
     }
 
@@ -108,6 +114,12 @@ impl AppState {
     /// Enables payouts through `service`'s rail (`serve` starts the payout worker).
     pub fn with_payouts(mut self, service: payouts::PayoutService) -> AppState {
         self.payouts = Some(Arc::new(service));
+        self
+    }
+
+    /// Limits each API key to `per_second` requests a second (0: no limit).
+    pub fn with_rate_limit(mut self, per_second: u32) -> AppState {
+        self.rate_limit = RateLimiter::new(per_second);
         self
     }
 
@@ -304,7 +316,9 @@ fn caller(app: &AppState, headers: &HeaderMap) -> Result<Caller, ApiError> {
         .and_then(|value| value.to_str().ok())
         .and_then(|value| value.strip_prefix("Bearer "))
         .ok_or_else(|| ApiError::new("unauthorized", "a valid API key is required: Authorization: Bearer tly_..."))?;
-    app.keys.authenticate(secret.trim(), app.now())
+    let caller = app.keys.authenticate(secret.trim(), app.now())?;
+    app.rate_limit.check(caller.key_id())?;
+    Ok(caller)
 }
 
 fn text(field: &str, value: &str, empty_allowed: bool) -> Result<String, ApiError> {

@@ -447,3 +447,51 @@ async fn the_openapi_document_lists_every_endpoint_with_its_errors() {
     }
     server.stop().await;
 }
+
+#[tokio::test]
+async fn each_api_key_is_rate_limited_on_its_own() {
+    let server = Server::start().await;
+    let (_, wallet, key) = server.organization("Busy").await;
+    // A tight limit on this server's state, as `--rate-limit-per-key 5` would set.
+    let limiter = tally_server::RateLimiter::new(5);
+    let caller = server.state.keys.authenticate(&key, 0).unwrap();
+    let allowed = (0..10).filter(|_| limiter.check(caller.key_id()).is_ok()).count();
+    assert_eq!(allowed, 5, "a full bucket holds one second's worth");
+    let refused = limiter.check(caller.key_id()).unwrap_err();
+    assert_eq!((refused.code, tally_server::status_of(refused.code).as_u16()), ("rate_limited", 429));
+    // Another key has its own bucket.
+    assert!(limiter.check(caller.key_id() + 1).is_ok());
+    // The bucket refills with time.
+    tokio::time::sleep(std::time::Duration::from_millis(450)).await;
+    assert!(limiter.check(caller.key_id()).is_ok(), "refilled after 0.45 s at 5/s");
+    // Off when zero.
+    let off = tally_server::RateLimiter::new(0);
+    assert!((0..10_000).all(|_| off.check(1).is_ok()));
+    // Over HTTP, a server with the default limit serves a burst without refusing.
+    for _ in 0..50 {
+        let (status, body) = server.get(&format!("/v1/wallets/{wallet}"), &key).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+    // With a limit of 3 a second, the fourth request at once is refused with 429 and
+    // Retry-After, and changes nothing; the admin's own bucket is untouched.
+    server.state.rate_limit.set(3);
+    let credit = json!({"direction": "credit", "amount": "1", "currency": "USD", "reason": "x"});
+    let mut answers = Vec::new();
+    for n in 0..4 {
+        let response = server
+            .client
+            .post(format!("{}/v1/transfers", server.base))
+            .bearer_auth(&key)
+            .header("Idempotency-Key", format!("rl-{n}"))
+            .json(&json!({"from_wallet": wallet, "to_wallet": wallet, "amount": "1", "currency": "USD"}))
+            .send()
+            .await
+            .unwrap();
+        answers.push((response.status(), response.headers().get("retry-after").is_some()));
+    }
+    assert_eq!(answers[3], (StatusCode::TOO_MANY_REQUESTS, true), "{answers:?}");
+    let (status, _) =
+        server.post(&format!("/v1/wallets/{wallet}/adjustments"), &server.admin, Some("rl-admin"), credit).await;
+    assert_eq!(status, StatusCode::CREATED);
+    server.state.rate_limit.set(tally_server::RATE_LIMIT_DEFAULT);
+}

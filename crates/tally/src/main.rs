@@ -220,6 +220,10 @@ struct ServeArgs {
     /// clients that ask a standby where the leader is (default http://<listen>).
     #[arg(long, env = "TALLY_ADVERTISE_URL")]
     advertise_url: Option<String>,
+    /// Requests per second each API key may make (a token bucket; 0 turns it off).
+    /// Beyond it, requests get 429 `rate_limited`.
+    #[arg(long, env = "TALLY_RATE_LIMIT_PER_KEY", default_value_t = tally_server::RATE_LIMIT_DEFAULT)]
+    rate_limit_per_key: u32,
     /// Publish every event to this NATS server's JetStream (nats://host:port); off when unset.
     #[arg(long, env = "TALLY_NATS_URL")]
     nats_url: Option<String>,
@@ -360,6 +364,7 @@ fn app_state(
     };
     let state = Arc::new(
         tally_server::AppState::new(handle, projector, HistoryReader::open(path)?, keys, clock)
+            .with_rate_limit(args.rate_limit_per_key)
             .with_webhooks(webhooks)
             .with_payments(provider, payments_config)
             .with_payouts(tally_server::payouts::PayoutService::new(
