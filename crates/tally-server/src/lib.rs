@@ -948,10 +948,48 @@ async fn owned_hold(app: &AppState, caller: &Caller, id: &str) -> Result<(HoldId
     }
 }
 
-#[utoipa::path(get, path = "/v1/holds/{id}", tag = "holds", summary = "Get an active hold", params(("id" = String, Path, description = "the object's id")), responses((status = 200, description = "success, as JSON"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
+#[utoipa::path(get, path = "/v1/holds/{id}", tag = "holds", summary = "Get a hold: an active one, or how a resolved one ended (captured, released, expired)", params(("id" = String, Path, description = "the object's id")), responses((status = 200, description = "success, as JSON"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn get_hold(AxumState(app): App, headers: HeaderMap, Path(id): Path<String>) -> ApiResult {
     let caller = caller(&app, &headers)?;
-    Ok(ok(owned_hold(&app, &caller, &id).await?.1))
+    match owned_hold(&app, &caller, &id).await {
+        Ok((_, view)) => Ok(ok(view)),
+        Err(error) if error.code == "not_found" => resolved_hold(&app, &caller, &id).await.map(ok),
+        Err(error) => Err(error),
+    }
+}
+
+/// A hold that is no longer active, from its events: what was placed, and how it ended
+/// (captured, released or expired).
+async fn resolved_hold(app: &Arc<AppState>, caller: &Caller, id: &str) -> Result<Value, ApiError> {
+    let hold = parse_id("hold", id, HoldId::parse)?;
+    let filter = tally_store::EventFilter {
+        object: Some(hold.to_string()),
+        types: ["hold.placed", "hold.captured", "hold.released", "hold.expired"].map(String::from).to_vec(),
+        limit: 10,
+        ..Default::default()
+    };
+    let events = app.history(move |reader| reader.events(&filter)).await?;
+    let placed = events.iter().find(|e| e.kind == "hold.placed").ok_or_else(ApiError::not_found)?;
+    let ended = events.iter().rev().find(|e| e.kind != "hold.placed").ok_or_else(ApiError::not_found)?;
+    if !placed.organization.is_some_and(|owner| caller.owns(owner)) {
+        return Err(ApiError::not_found());
+    }
+    let mut view: Value = serde_json::from_str(&placed.data).map_err(|_| ApiError::new("internal", "event data"))?;
+    let outcome: Value = serde_json::from_str(&ended.data).map_err(|_| ApiError::new("internal", "event data"))?;
+    if let Some(object) = view.as_object_mut() {
+        if let Some(expires) = object.remove("expires_at_ms").and_then(|v| v.as_i64()) {
+            object.insert("expires_at".into(), json!(time::format(expires)));
+        }
+        object.insert("created_at".into(), json!(time::format(placed.at)));
+        object.insert("status".into(), outcome["status"].clone());
+        object.insert("resolved_at".into(), json!(time::format(ended.at)));
+        for field in ["released", "operation"] {
+            if !outcome[field].is_null() {
+                object.insert(field.into(), outcome[field].clone());
+            }
+        }
+    }
+    Ok(view)
 }
 
 #[derive(Deserialize, utoipa::ToSchema)]

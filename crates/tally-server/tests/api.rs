@@ -495,3 +495,43 @@ async fn each_api_key_is_rate_limited_on_its_own() {
     assert_eq!(status, StatusCode::CREATED);
     server.state.rate_limit.set(tally_server::RATE_LIMIT_DEFAULT);
 }
+
+#[tokio::test]
+async fn a_resolved_hold_shows_how_it_ended_to_its_owner_only() {
+    let server = Server::start().await;
+    let (_, wallet, key) = server.organization("Holder").await;
+    let (_, merchant, other_key) = server.organization("Payee").await;
+    server.credit(&wallet, "50", "fund").await;
+    let place = |n: &str| json!({"amount": "10.00", "currency": "USD", "ttl_seconds": 600, "description": n});
+    let (_, captured) = server.post(&format!("/v1/wallets/{wallet}/holds"), &key, Some("p1"), place("a")).await;
+    let (_, released) = server.post(&format!("/v1/wallets/{wallet}/holds"), &key, Some("p2"), place("b")).await;
+    let (captured, released) = (captured["id"].as_str().unwrap(), released["id"].as_str().unwrap());
+    let (status, body) = server
+        .post(
+            &format!("/v1/holds/{captured}/capture"),
+            &key,
+            Some("c1"),
+            json!({"amount": "4.00", "to_wallet": merchant}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (status, _) = server.post(&format!("/v1/holds/{released}/release"), &key, Some("r1"), json!({})).await;
+    assert_eq!(status, StatusCode::OK);
+
+    let (status, view) = server.get(&format!("/v1/holds/{captured}"), &key).await;
+    assert_eq!(status, StatusCode::OK, "{view}");
+    assert_eq!(
+        (view["status"].as_str(), view["amount"].as_str(), view["released"].as_str()),
+        (Some("captured"), Some("10.00"), Some("6.00")),
+        "{view}"
+    );
+    assert!(
+        view["operation"].as_str().is_some_and(|o| o.starts_with("op_")) && view["resolved_at"].is_string(),
+        "{view}"
+    );
+    let (status, view) = server.get(&format!("/v1/holds/{released}"), &key).await;
+    assert_eq!((status, view["status"].as_str()), (StatusCode::OK, Some("released")), "{view}");
+    // Another organization gets 404, as for a hold that never existed.
+    assert_eq!(server.get(&format!("/v1/holds/{captured}"), &other_key).await.0, StatusCode::NOT_FOUND);
+    assert_eq!(server.get("/v1/holds/hld_999", &key).await.0, StatusCode::NOT_FOUND);
+}

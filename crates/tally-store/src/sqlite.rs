@@ -108,6 +108,8 @@ pub(crate) const HISTORY_MIGRATIONS: &[&str] = &[
         consumer INTEGER NOT NULL,
         merchant INTEGER NOT NULL
     );",
+    // Finding an object's events (a resolved hold's outcome) without a scan.
+    "CREATE INDEX events_by_object ON events (object, id);",
 ];
 
 /// The history database's file: `tally.db` keeps its history in `tally.history.db`.
