@@ -15,7 +15,34 @@ const SECRET_BYTES: usize = 32;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Caller {
     Admin { key: u64 },
-    Organization { key: u64, organization: OrganizationId, write: bool },
+    Organization { key: u64, organization: OrganizationId, scopes: Scopes },
+}
+
+/// What an organization's key may do beyond reading its own data: `write` (everything),
+/// or only `usage` (report usage, access checks and reservations: a metering key) or
+/// only `payouts` (verification, bank accounts, payouts).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Scopes {
+    pub write: bool,
+    pub usage: bool,
+    pub payouts: bool,
+}
+
+/// The scopes a key can be given; every key reads.
+pub const SCOPES: [&str; 4] = ["read", "write", "usage", "payouts"];
+
+impl Scopes {
+    pub fn parse(text: &str) -> Scopes {
+        let has = |name: &str| text.split(',').any(|s| s.trim() == name);
+        Scopes { write: has("write"), usage: has("usage"), payouts: has("payouts") }
+    }
+}
+
+/// A scope an endpoint needs besides `write`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scope {
+    Usage,
+    Payouts,
 }
 
 impl Caller {
@@ -55,9 +82,23 @@ impl Caller {
         }
     }
 
+    /// Allowed with the write scope or with `scope` itself.
+    pub fn require_scope(&self, scope: Scope) -> Result<(), ApiError> {
+        match (self, scope) {
+            (Caller::Admin { .. }, _) => Ok(()),
+            (Caller::Organization { scopes, .. }, _) if scopes.write => Ok(()),
+            (Caller::Organization { scopes, .. }, Scope::Usage) if scopes.usage => Ok(()),
+            (Caller::Organization { scopes, .. }, Scope::Payouts) if scopes.payouts => Ok(()),
+            (_, Scope::Usage) => Err(ApiError::new("forbidden", "this API key lacks the usage (or write) scope")),
+            (_, Scope::Payouts) => Err(ApiError::new("forbidden", "this API key lacks the payouts (or write) scope")),
+        }
+    }
+
     pub fn require_write(&self) -> Result<(), ApiError> {
         match self {
-            Caller::Organization { write: false, .. } => Err(ApiError::new("forbidden", "this API key is read-only")),
+            Caller::Organization { scopes, .. } if !scopes.write => {
+                Err(ApiError::new("forbidden", "this API key may not make changes (it lacks the write scope)"))
+            }
             _ => Ok(()),
         }
     }
@@ -239,11 +280,9 @@ impl KeyRing {
         }
         Ok(match record.organization {
             None => Caller::Admin { key: record.id },
-            Some(organization) => Caller::Organization {
-                key: record.id,
-                organization,
-                write: record.scopes.split(',').any(|s| s == "write"),
-            },
+            Some(organization) => {
+                Caller::Organization { key: record.id, organization, scopes: Scopes::parse(&record.scopes) }
+            }
         })
     }
 }

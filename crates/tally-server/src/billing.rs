@@ -786,7 +786,7 @@ async fn run_usage(
 #[utoipa::path(post, path = "/v1/usage", tag = "usage", summary = "Report one usage event: rated and charged at once (the event id is the idempotency key)", request_body = UsageBody, responses((status = 201, description = "success, as JSON"), (status = "4XX", description = "problem+json with a stable code; a duplicate answers 409 with the original result", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn report_usage(AxumState(app): App, headers: HeaderMap, ApiJson(body): ApiJson<UsageBody>) -> ApiResult {
     let caller = caller(&app, &headers)?;
-    caller.require_write()?;
+    caller.require_scope(crate::Scope::Usage)?;
     let merchant = merchant_of(&caller, None)?;
     let event_id = body.event_id.clone();
     let event = usage_event(&app, merchant, body)?;
@@ -806,7 +806,7 @@ async fn report_usage(AxumState(app): App, headers: HeaderMap, ApiJson(body): Ap
 #[utoipa::path(post, path = "/v1/usage/batch", tag = "usage", summary = "Report up to 10,000 usage events; each is charged or refused on its own", request_body = UsageBatch, responses((status = 200, description = "one result per event, in order"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn report_usage_batch(AxumState(app): App, headers: HeaderMap, ApiJson(body): ApiJson<UsageBatch>) -> ApiResult {
     let caller = caller(&app, &headers)?;
-    caller.require_write()?;
+    caller.require_scope(crate::Scope::Usage)?;
     let merchant = merchant_of(&caller, body.merchant.as_deref())?;
     if body.events.is_empty() || body.events.len() > USAGE_BATCH_MAX {
         return Err(ApiError::field("too_many_items", "events", format!("1 to {USAGE_BATCH_MAX} events")));

@@ -14,7 +14,7 @@ pub mod time;
 mod views;
 pub mod webhooks;
 
-pub use auth::{generate as generate_key, Caller, KeyRing, NewKey, RateLimiter};
+pub use auth::{generate as generate_key, Caller, KeyRing, NewKey, RateLimiter, Scope, Scopes};
 pub use error::{status_of, ApiError};
 
 use axum::extract::rejection::JsonRejection;
@@ -426,7 +426,11 @@ async fn owned_wallet(
 /// body replays the first answer, a different body is refused, a concurrent repeat
 /// gets 409.
 async fn run_money(app: &Arc<AppState>, caller: &Caller, headers: &HeaderMap, action: MoneyAction) -> ApiResult {
-    caller.require_write()?;
+    match action {
+        // A reservation is part of metering: a usage key may make one.
+        MoneyAction::Reserve { .. } => caller.require_scope(Scope::Usage)?,
+        _ => caller.require_write()?,
+    }
     let key_text = headers.get("idempotency-key").and_then(|value| value.to_str().ok()).ok_or_else(|| {
         ApiError::new("idempotency_key_required", "requests that move money need an Idempotency-Key header")
     })?;
@@ -1151,6 +1155,8 @@ struct CreateKey {
     name: String,
     #[serde(default)]
     read_only: bool,
+    /// Instead of `read_only`: any of read, write, usage, payouts (every key reads).
+    scopes: Option<Vec<String>>,
     expires_at: Option<String>,
 }
 
@@ -1189,7 +1195,19 @@ async fn create_api_key(AxumState(app): App, headers: HeaderMap, ApiJson(body): 
         None => None,
     };
     let name = text("name", &body.name, true)?;
-    let key = auth::generate(organization, !body.read_only, &name, app.now(), expires_at);
+    let mut key = auth::generate(organization, !body.read_only, &name, app.now(), expires_at);
+    if let Some(scopes) = &body.scopes {
+        if body.read_only || organization.is_none() {
+            return Err(ApiError::invalid("scopes", "scopes are for organization keys, instead of read_only"));
+        }
+        if scopes.len() > auth::SCOPES.len() || scopes.iter().any(|s| !auth::SCOPES.contains(&s.as_str())) {
+            return Err(ApiError::invalid("scopes", "scopes are read, write, usage and payouts"));
+        }
+        let mut chosen: Vec<&str> =
+            auth::SCOPES.iter().copied().filter(|s| *s == "read" || scopes.iter().any(|c| c == s)).collect();
+        chosen.dedup();
+        key.record.scopes = chosen.join(",");
+    }
     let key = app.keys.insert(key).map_err(|_| ApiError::new("internal", "could not store the key"))?;
     let mut view = key_view(&key.record);
     view["secret"] = key.secret.into();

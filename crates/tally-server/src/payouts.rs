@@ -372,7 +372,7 @@ async fn verification_answer(app: &AppState, command: PayoutCommand) -> ApiResul
 #[utoipa::path(post, path = "/v1/organizations/{id}/verification/submit", tag = "payouts", summary = "Submit the organization's details for verification (needs billing details): pending", params(("id" = String, Path, description = "organization id")), responses((status = 200, description = "success, as JSON"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn submit_verification(AxumState(app): App, headers: HeaderMap, Path(id): Path<String>) -> ApiResult {
     let caller = caller(&app, &headers)?;
-    caller.require_write()?;
+    caller.require_scope(crate::Scope::Payouts)?;
     let organization = own_organization(&app, &caller, &id).await?;
     verification_answer(&app, PayoutCommand::SubmitVerification { organization }).await
 }
@@ -433,7 +433,7 @@ async fn add_bank_account(
     ApiJson(body): ApiJson<AddBankAccount>,
 ) -> ApiResult {
     let caller = caller(&app, &headers)?;
-    caller.require_write()?;
+    caller.require_scope(crate::Scope::Payouts)?;
     let service = service(&app)?.clone();
     let organization = own_organization(&app, &caller, &id).await?;
     let currency = currency("currency", &body.currency)?;
@@ -496,7 +496,7 @@ async fn account_answer(app: &AppState, command: PayoutCommand) -> ApiResult {
 #[utoipa::path(post, path = "/v1/bank-accounts/{id}/test-deposits", tag = "payouts", summary = "Send two small test deposits to verify the account", params(("id" = String, Path, description = "bank account id")), responses((status = 200, description = "success, as JSON"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn send_test_deposits(AxumState(app): App, headers: HeaderMap, Path(id): Path<String>) -> ApiResult {
     let caller = caller(&app, &headers)?;
-    caller.require_write()?;
+    caller.require_scope(crate::Scope::Payouts)?;
     let account = owned_account(&app, &caller, &id).await?;
     let deposits = (rand::random::<u8>() as i64 % 99 + 1, rand::random::<u8>() as i64 % 99 + 1);
     account_answer(&app, PayoutCommand::StartDepositVerification { account, deposits }).await
@@ -517,7 +517,7 @@ async fn confirm_test_deposits(
     ApiJson(body): ApiJson<ConfirmDeposits>,
 ) -> ApiResult {
     let caller = caller(&app, &headers)?;
-    caller.require_write()?;
+    caller.require_scope(crate::Scope::Payouts)?;
     let account = owned_account(&app, &caller, &id).await?;
     let currency = app.read(move |state| state.payouts.bank_account(account).map(|a| a.currency)).await?;
     let currency = currency.ok_or_else(ApiError::not_found)?;
@@ -546,7 +546,7 @@ async fn verify_bank_account(AxumState(app): App, headers: HeaderMap, Path(id): 
 #[utoipa::path(delete, path = "/v1/bank-accounts/{id}", tag = "payouts", summary = "Remove a bank account", params(("id" = String, Path, description = "bank account id")), responses((status = 200, description = "success, as JSON"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn remove_bank_account(AxumState(app): App, headers: HeaderMap, Path(id): Path<String>) -> ApiResult {
     let caller = caller(&app, &headers)?;
-    caller.require_write()?;
+    caller.require_scope(crate::Scope::Payouts)?;
     let account = owned_account(&app, &caller, &id).await?;
     account_answer(&app, PayoutCommand::RemoveBankAccount { account }).await
 }
@@ -564,7 +564,7 @@ struct CreatePayout {
 #[utoipa::path(post, path = "/v1/payouts", tag = "payouts", summary = "Pay out from a wallet to a verified bank account (in transit at once; paid or failed when the rail answers)", request_body = CreatePayout, params(("Idempotency-Key" = String, Header, description = "required")), responses((status = 201, description = "the payout"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn create_payout(AxumState(app): App, headers: HeaderMap, ApiJson(body): ApiJson<CreatePayout>) -> ApiResult {
     let caller = caller(&app, &headers)?;
-    caller.require_write()?;
+    caller.require_scope(crate::Scope::Payouts)?;
     service(&app)?;
     let key = crate::payments::idempotency_key(&caller, &headers)?;
     let (wallet, organization, currency) = owned_wallet_meta(&app, &caller, &body.wallet).await?;
@@ -635,7 +635,7 @@ async fn set_schedule(
     ApiJson(body): ApiJson<ScheduleInput>,
 ) -> ApiResult {
     let caller = caller(&app, &headers)?;
-    caller.require_write()?;
+    caller.require_scope(crate::Scope::Payouts)?;
     let (wallet, _, currency) = owned_wallet_meta(&app, &caller, &id).await?;
     let interval = match body.interval.as_str() {
         "daily" => PayoutInterval::Daily,
@@ -662,7 +662,7 @@ async fn set_schedule(
 #[utoipa::path(delete, path = "/v1/wallets/{id}/payout-schedule", tag = "payouts", summary = "Stop scheduled payouts", params(("id" = String, Path, description = "wallet id")), responses((status = 200, description = "success, as JSON"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn delete_schedule(AxumState(app): App, headers: HeaderMap, Path(id): Path<String>) -> ApiResult {
     let caller = caller(&app, &headers)?;
-    caller.require_write()?;
+    caller.require_scope(crate::Scope::Payouts)?;
     let (wallet, _, _) = owned_wallet_meta(&app, &caller, &id).await?;
     payout_command(&app, PayoutCommand::SetSchedule { wallet, schedule: None }).await?;
     Ok(ok(json!({"object": "payout_schedule", "wallet": wallet.to_string(), "deleted": true})))

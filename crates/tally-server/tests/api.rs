@@ -535,3 +535,53 @@ async fn a_resolved_hold_shows_how_it_ended_to_its_owner_only() {
     assert_eq!(server.get(&format!("/v1/holds/{captured}"), &other_key).await.0, StatusCode::NOT_FOUND);
     assert_eq!(server.get("/v1/holds/hld_999", &key).await.0, StatusCode::NOT_FOUND);
 }
+
+#[tokio::test]
+async fn scoped_keys_do_only_what_their_scopes_allow() {
+    let server = Server::start().await;
+    let (org, wallet, _) = server.organization("Scoped").await;
+    let (_, other_wallet, _) = server.organization("Elsewhere").await;
+    server.credit(&wallet, "20", "fund").await;
+    let key_with = |scopes: Value| {
+        let body = json!({"organization": org, "scopes": scopes});
+        let server = &server;
+        async move {
+            let (status, key) = server.post("/v1/api-keys", &server.admin, None, body).await;
+            assert_eq!(status, StatusCode::CREATED, "{key}");
+            (key["secret"].as_str().unwrap().to_string(), key["scopes"].clone())
+        }
+    };
+    let (usage, scopes) = key_with(json!(["usage"])).await;
+    assert_eq!(scopes, json!(["read", "usage"]), "every key reads");
+    let (payouts, _) = key_with(json!(["payouts"])).await;
+    let transfer = json!({"from_wallet": wallet, "to_wallet": other_wallet, "amount": "1", "currency": "USD"});
+    for key in [&usage, &payouts] {
+        // Reads work; a transfer does not, and nothing moves.
+        assert_eq!(server.get(&format!("/v1/wallets/{wallet}"), key).await.0, StatusCode::OK);
+        let (status, body) = server.post("/v1/transfers", key, Some("t"), transfer.clone()).await;
+        assert_eq!((status, body["code"].as_str()), (StatusCode::FORBIDDEN, Some("forbidden")), "{body}");
+    }
+    // Payout endpoints need the payouts scope: the usage key is refused before any check.
+    let (status, body) =
+        server.post(&format!("/v1/organizations/{org}/verification/submit"), &usage, None, json!({})).await;
+    assert_eq!((status, body["code"].as_str()), (StatusCode::FORBIDDEN, Some("forbidden")), "{body}");
+    let (status, body) =
+        server.post(&format!("/v1/organizations/{org}/verification/submit"), &payouts, None, json!({})).await;
+    assert_ne!(status, StatusCode::FORBIDDEN, "{body}");
+    // Usage endpoints need the usage scope.
+    let event = json!({"event_id": "e1", "consumer": org, "meter": "calls", "quantity": "1"});
+    let (status, body) = server.post("/v1/usage", &payouts, None, event.clone()).await;
+    assert_eq!((status, body["code"].as_str()), (StatusCode::FORBIDDEN, Some("forbidden")), "{body}");
+    let (status, body) = server.post("/v1/usage", &usage, None, event).await;
+    assert_ne!(status, StatusCode::FORBIDDEN, "{body}");
+    assert_eq!(server.get(&format!("/v1/wallets/{wallet}"), &server.admin).await.1["balance"], "20.00");
+    // Unknown scopes and scopes with read_only are refused.
+    for body in [
+        json!({"organization": org, "scopes": ["admin"]}),
+        json!({"organization": org, "scopes": ["usage"], "read_only": true}),
+        json!({"scopes": ["usage"]}),
+    ] {
+        let (status, answer) = server.post("/v1/api-keys", &server.admin, None, body).await;
+        assert_eq!((status, answer["code"].as_str()), (StatusCode::BAD_REQUEST, Some("invalid_request")), "{answer}");
+    }
+}
