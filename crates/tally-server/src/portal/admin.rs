@@ -2,7 +2,8 @@
 
 use super::html::{self, money, text};
 use super::{encode, see_other, session_cookie, Fields, Portal, Role, Signed, ADMIN_COOKIE, ADMIN_SESSION_TTL};
-use axum::extract::{Form, Path, Query, State};
+use axum::extract::{Form, FromRequest, FromRequestParts, Path, Query, Request, State};
+use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -54,6 +55,31 @@ fn signed_in(portal: &Portal, headers: &HeaderMap) -> Result<Signed, Response> {
         .signed(headers, ADMIN_COOKIE)
         .filter(|s| s.session.role == Role::Admin)
         .ok_or_else(|| see_other("/admin/login"))
+}
+
+/// A signed-in admin; anyone else is sent to sign in.
+pub(super) struct Admin(Signed);
+
+impl FromRequestParts<Portal> for Admin {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, portal: &Portal) -> Result<Admin, Response> {
+        signed_in(portal, &parts.headers).map(Admin)
+    }
+}
+
+/// A signed-in admin's form, its CSRF token checked against the session's.
+pub(super) struct AdminForm(Signed, Fields);
+
+impl FromRequest<Portal> for AdminForm {
+    type Rejection = Response;
+
+    async fn from_request(request: Request, portal: &Portal) -> Result<AdminForm, Response> {
+        let signed = signed_in(portal, request.headers())?;
+        let Form(form) = FormData::from_request(request, portal).await.map_err(IntoResponse::into_response)?;
+        let fields = Fields::checked(&signed.session, form)?;
+        Ok(AdminForm(signed, fields))
+    }
 }
 
 fn page(signed: &Signed, title: &str, body: Markup) -> Response {
@@ -117,10 +143,9 @@ async fn logout(State(portal): State<Portal>, headers: HeaderMap, Form(form): Fo
 
 async fn organizations(
     State(portal): State<Portal>,
-    headers: HeaderMap,
+    Admin(signed): Admin,
     Query(query): Query<HashMap<String, String>>,
 ) -> Page {
-    let signed = signed_in(&portal, &headers)?;
     let search = query.get("q").map(|q| q.trim().chars().take(100).collect::<String>()).unwrap_or_default();
     let mut uri = format!("/v1/organizations?limit=50&q={}", encode(&search));
     if let Some(after) = query.get("after") {
@@ -182,11 +207,10 @@ const TABS: [(&str, &str); 5] = [
 
 async fn organization(
     State(portal): State<Portal>,
-    headers: HeaderMap,
+    Admin(signed): Admin,
     Path(id): Path<String>,
     Query(query): Query<HashMap<String, String>>,
 ) -> Page {
-    let signed = signed_in(&portal, &headers)?;
     let reply = portal.get(&signed.session, &format!("/v1/organizations/{}", encode(&id))).await;
     if !reply.ok() {
         return Err(html::refused(&reply));
@@ -471,23 +495,13 @@ async fn settings_tab(portal: &Portal, signed: &Signed, org: &str, here: &str) -
 
 // ---- wallet pages ----
 
-async fn wallet_of(portal: &Portal, signed: &Signed, id: &str) -> Result<Value, Response> {
-    let reply = portal.get(&signed.session, &format!("/v1/wallets/{}", encode(id))).await;
-    if reply.ok() {
-        Ok(reply.body)
-    } else {
-        Err(html::refused(&reply))
-    }
-}
-
 async fn movements(
     State(portal): State<Portal>,
-    headers: HeaderMap,
+    Admin(signed): Admin,
     Path(id): Path<String>,
     Query(query): Query<HashMap<String, String>>,
 ) -> Page {
-    let signed = signed_in(&portal, &headers)?;
-    let wallet = wallet_of(&portal, &signed, &id).await?;
+    let wallet = portal.wallet(&signed.session, &id).await?;
     let (uri, filters) = movement_query(&id, &query);
     let reply = portal.get(&signed.session, &uri).await;
     let body = html! {
@@ -533,23 +547,21 @@ pub(super) fn movement_filters(action: &str, query: &HashMap<String, String>) ->
 
 async fn statement(
     State(portal): State<Portal>,
-    headers: HeaderMap,
+    Admin(signed): Admin,
     Path(id): Path<String>,
     Query(query): Query<HashMap<String, String>>,
 ) -> Page {
-    let signed = signed_in(&portal, &headers)?;
-    let wallet = wallet_of(&portal, &signed, &id).await?;
+    let wallet = portal.wallet(&signed.session, &id).await?;
     let back = format!("/admin/organizations/{}", text(&wallet["organization"]));
     Ok(page(&signed, "Statement", statement_body(&portal, &signed, &wallet, &query, &back, "/admin").await))
 }
 
 async fn statement_csv(
     State(portal): State<Portal>,
-    headers: HeaderMap,
+    Admin(signed): Admin,
     Path(id): Path<String>,
     Query(query): Query<HashMap<String, String>>,
 ) -> Page {
-    let signed = signed_in(&portal, &headers)?;
     Ok(statement_download(&portal, &signed, &id, &query).await)
 }
 
@@ -629,15 +641,8 @@ fn amount_list(text: &str) -> Vec<String> {
     text.split(',').map(str::trim).filter(|s| !s.is_empty()).take(20).map(str::to_string).collect()
 }
 
-async fn adjust(
-    State(portal): State<Portal>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-    Form(form): FormData,
-) -> Page {
-    let signed = signed_in(&portal, &headers)?;
-    let fields = Fields::checked(&signed.session, form)?;
-    let wallet = wallet_of(&portal, &signed, &id).await?;
+async fn adjust(State(portal): State<Portal>, Path(id): Path<String>, AdminForm(signed, fields): AdminForm) -> Page {
+    let wallet = portal.wallet(&signed.session, &id).await?;
     let direction = if fields.get("direction") == "debit" { "debit" } else { "credit" };
     let mut body = json!({"direction": direction, "amount": fields.get("amount"), "currency": wallet["currency"], "reason": fields.get("reason")});
     if direction == "credit" {
@@ -654,10 +659,8 @@ async fn adjust(
     Ok(portal.after(&signed, &reply, &done, &back(&fields, "/admin")))
 }
 
-async fn grant(State(portal): State<Portal>, headers: HeaderMap, Path(id): Path<String>, Form(form): FormData) -> Page {
-    let signed = signed_in(&portal, &headers)?;
-    let fields = Fields::checked(&signed.session, form)?;
-    let wallet = wallet_of(&portal, &signed, &id).await?;
+async fn grant(State(portal): State<Portal>, Path(id): Path<String>, AdminForm(signed, fields): AdminForm) -> Page {
+    let wallet = portal.wallet(&signed.session, &id).await?;
     let priority: u32 = fields.get("priority").parse().unwrap_or(0);
     let body = json!({
         "amount": fields.get("amount"),
@@ -674,12 +677,9 @@ async fn grant(State(portal): State<Portal>, headers: HeaderMap, Path(id): Path<
 
 async fn set_limits(
     State(portal): State<Portal>,
-    headers: HeaderMap,
     Path(id): Path<String>,
-    Form(form): FormData,
+    AdminForm(signed, fields): AdminForm,
 ) -> Page {
-    let signed = signed_in(&portal, &headers)?;
-    let fields = Fields::checked(&signed.session, form)?;
     let body = json!({
         "min_amount": fields.optional("min_amount"),
         "max_amount": fields.optional("max_amount"),
@@ -692,12 +692,9 @@ async fn set_limits(
 
 async fn release_hold(
     State(portal): State<Portal>,
-    headers: HeaderMap,
     Path(id): Path<String>,
-    Form(form): FormData,
+    AdminForm(signed, fields): AdminForm,
 ) -> Page {
-    let signed = signed_in(&portal, &headers)?;
-    let fields = Fields::checked(&signed.session, form)?;
     let uri = format!("/v1/holds/{}/release", encode(&id));
     let reply =
         portal.call(&signed.session, Method::POST, &uri, fields.idempotency().as_deref(), Some(json!({}))).await;
@@ -706,12 +703,9 @@ async fn release_hold(
 
 async fn decide_verification(
     State(portal): State<Portal>,
-    headers: HeaderMap,
     Path((id, decision)): Path<(String, String)>,
-    Form(form): FormData,
+    AdminForm(signed, fields): AdminForm,
 ) -> Page {
-    let signed = signed_in(&portal, &headers)?;
-    let fields = Fields::checked(&signed.session, form)?;
     let (path, body, done) = match decision.as_str() {
         "approve" => ("approve", json!({}), "Verification approved."),
         "reject" => ("reject", json!({"reason": fields.get("reason")}), "Verification rejected."),
@@ -724,12 +718,9 @@ async fn decide_verification(
 
 async fn set_method_types(
     State(portal): State<Portal>,
-    headers: HeaderMap,
     Path(id): Path<String>,
-    Form(form): FormData,
+    AdminForm(signed, fields): AdminForm,
 ) -> Page {
-    let signed = signed_in(&portal, &headers)?;
-    let fields = Fields::checked(&signed.session, form)?;
     let types: Vec<&str> = ["card", "bank_account"].into_iter().filter(|t| fields.optional(t).is_some()).collect();
     let uri = format!("/v1/organizations/{}/payment-method-types", encode(&id));
     let reply = portal.call(&signed.session, Method::PUT, &uri, None, Some(json!({"types": types}))).await;
@@ -738,8 +729,7 @@ async fn set_method_types(
 
 // ---- platform settings ----
 
-async fn settings(State(portal): State<Portal>, headers: HeaderMap) -> Page {
-    let signed = signed_in(&portal, &headers)?;
+async fn settings(State(portal): State<Portal>, Admin(signed): Admin) -> Page {
     let session = &signed.session;
     let profiles = portal.get(session, "/v1/tax-profiles").await.list();
     let body = html! {
@@ -788,9 +778,7 @@ async fn settings(State(portal): State<Portal>, headers: HeaderMap) -> Page {
     Ok(page(&signed, "Platform settings", body))
 }
 
-async fn set_tax_profile(State(portal): State<Portal>, headers: HeaderMap, Form(form): FormData) -> Page {
-    let signed = signed_in(&portal, &headers)?;
-    let fields = Fields::checked(&signed.session, form)?;
+async fn set_tax_profile(State(portal): State<Portal>, AdminForm(signed, fields): AdminForm) -> Page {
     let taxes = match fields.optional("rate") {
         Some(rate) => json!([{"name": fields.optional("name").unwrap_or("Tax"), "rate": rate}]),
         None => json!([]),
@@ -800,9 +788,7 @@ async fn set_tax_profile(State(portal): State<Portal>, headers: HeaderMap, Form(
     Ok(portal.after(&signed, &reply, "Tax profile saved.", "/admin/settings"))
 }
 
-async fn set_payout_minimum(State(portal): State<Portal>, headers: HeaderMap, Form(form): FormData) -> Page {
-    let signed = signed_in(&portal, &headers)?;
-    let fields = Fields::checked(&signed.session, form)?;
+async fn set_payout_minimum(State(portal): State<Portal>, AdminForm(signed, fields): AdminForm) -> Page {
     let body = json!({"amount": fields.get("amount"), "currency": fields.get("currency").to_ascii_uppercase()});
     let reply = portal.call(&signed.session, Method::PUT, "/v1/payout-minimums", None, Some(body)).await;
     Ok(portal.after(&signed, &reply, "Minimum payout saved.", "/admin/settings"))

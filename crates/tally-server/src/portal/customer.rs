@@ -4,9 +4,10 @@
 use super::admin::{movement_filters, movement_query, statement_body, statement_download};
 use super::html::{self, money, text};
 use super::{encode, see_other, session_cookie, Fields, Portal, Role, Signed, CUSTOMER_SESSION_TTL, PORTAL_COOKIE};
-use axum::extract::{Form, Path, Query, State};
+use axum::extract::{Form, FromRequest, FromRequestParts, Path, Query, Request, State};
+use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, Method, StatusCode};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use maud::{html, Markup};
@@ -51,6 +52,32 @@ fn signed_in(portal: &Portal, headers: &HeaderMap) -> Result<(Signed, String), R
     match signed.session.role.clone() {
         Role::Customer(organization) => Ok((signed, organization.to_string())),
         Role::Admin => Err(html::problem(StatusCode::UNAUTHORIZED, "This is not a customer session.")),
+    }
+}
+
+/// A signed-in customer and its organization's id; anyone else gets a page saying the
+/// session has ended.
+struct Customer(Signed, String);
+
+impl FromRequestParts<Portal> for Customer {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, portal: &Portal) -> Result<Customer, Response> {
+        signed_in(portal, &parts.headers).map(|(signed, organization)| Customer(signed, organization))
+    }
+}
+
+/// A signed-in customer's form, its CSRF token checked against the session's.
+struct CustomerForm(Signed, String, Fields);
+
+impl FromRequest<Portal> for CustomerForm {
+    type Rejection = Response;
+
+    async fn from_request(request: Request, portal: &Portal) -> Result<CustomerForm, Response> {
+        let (signed, organization) = signed_in(portal, request.headers())?;
+        let Form(form) = FormData::from_request(request, portal).await.map_err(IntoResponse::into_response)?;
+        let fields = Fields::checked(&signed.session, form)?;
+        Ok(CustomerForm(signed, organization, fields))
     }
 }
 
@@ -123,8 +150,7 @@ async fn logout(State(portal): State<Portal>, headers: HeaderMap, Form(form): Fo
     Ok(response)
 }
 
-async fn home(State(portal): State<Portal>, headers: HeaderMap) -> Page {
-    let (signed, organization) = signed_in(&portal, &headers)?;
+async fn home(State(portal): State<Portal>, Customer(signed, organization): Customer) -> Page {
     let org = portal.get(&signed.session, &format!("/v1/organizations/{organization}")).await;
     let wallets = portal.get(&signed.session, &format!("/v1/organizations/{organization}/wallets")).await;
     if !wallets.ok() {
@@ -145,19 +171,13 @@ async fn home(State(portal): State<Portal>, headers: HeaderMap) -> Page {
     Ok(page(&signed, "My wallets", body))
 }
 
-async fn wallet_of(portal: &Portal, signed: &Signed, id: &str) -> Result<Value, Response> {
-    let reply = portal.get(&signed.session, &format!("/v1/wallets/{}", encode(id))).await;
-    if reply.ok() {
-        Ok(reply.body)
-    } else {
-        Err(html::refused(&reply))
-    }
-}
-
-async fn wallet(State(portal): State<Portal>, headers: HeaderMap, Path(id): Path<String>) -> Page {
-    let (signed, organization) = signed_in(&portal, &headers)?;
+async fn wallet(
+    State(portal): State<Portal>,
+    Customer(signed, organization): Customer,
+    Path(id): Path<String>,
+) -> Page {
     let session = &signed.session;
-    let wallet = wallet_of(&portal, &signed, &id).await?;
+    let wallet = portal.wallet(&signed.session, &id).await?;
     let currency = text(&wallet["currency"]);
     let settings = portal.get(session, &format!("/v1/wallets/{}/payment-settings", encode(&id))).await.body;
     let methods = portal.get(session, &format!("/v1/organizations/{organization}/payment-methods")).await.list();
@@ -286,12 +306,9 @@ fn chosen_amount(fields: &Fields) -> String {
 
 async fn review_top_up(
     State(portal): State<Portal>,
-    headers: HeaderMap,
     Path(id): Path<String>,
-    Form(form): FormData,
+    CustomerForm(signed, _, fields): CustomerForm,
 ) -> Page {
-    let (signed, _) = signed_in(&portal, &headers)?;
-    let fields = Fields::checked(&signed.session, form)?;
     let amount = chosen_amount(&fields);
     let uri = format!("/v1/wallets/{}/top-up-quote?amount={}", encode(&id), encode(&amount));
     let quote = portal.get(&signed.session, &uri).await;
@@ -326,12 +343,9 @@ async fn review_top_up(
 
 async fn top_up(
     State(portal): State<Portal>,
-    headers: HeaderMap,
     Path(id): Path<String>,
-    Form(form): FormData,
+    CustomerForm(signed, _, fields): CustomerForm,
 ) -> Page {
-    let (signed, _) = signed_in(&portal, &headers)?;
-    let fields = Fields::checked(&signed.session, form)?;
     let body = json!({"amount": fields.get("amount"), "payment_method": fields.optional("payment_method")});
     let uri = format!("/v1/wallets/{}/top-ups", encode(&id));
     let reply = portal.call(&signed.session, Method::POST, &uri, fields.idempotency().as_deref(), Some(body)).await;
@@ -350,8 +364,7 @@ async fn top_up(
     Ok(see_other(&format!("/portal/top-ups/{}", encode(&top_up))))
 }
 
-async fn show_top_up(State(portal): State<Portal>, headers: HeaderMap, Path(id): Path<String>) -> Page {
-    let (signed, _) = signed_in(&portal, &headers)?;
+async fn show_top_up(State(portal): State<Portal>, Customer(signed, _): Customer, Path(id): Path<String>) -> Page {
     let reply = portal.get(&signed.session, &format!("/v1/top-ups/{}", encode(&id))).await;
     if !reply.ok() {
         return Err(html::refused(&reply));
@@ -389,16 +402,13 @@ async fn show_top_up(State(portal): State<Portal>, headers: HeaderMap, Path(id):
     Ok(page(&signed, "Top-up", body))
 }
 
-async fn download_receipt(State(portal): State<Portal>, headers: HeaderMap, Path(id): Path<String>) -> Page {
-    let (signed, _) = signed_in(&portal, &headers)?;
+async fn download_receipt(State(portal): State<Portal>, Customer(signed, _): Customer, Path(id): Path<String>) -> Page {
     let uri = format!("/v1/top-ups/{}/receipt?format=html", encode(&id));
     let response = portal.raw(&signed.session, Method::GET, &uri, None, None).await;
     Ok(super::admin::csv_download(response, &format!("receipt-{id}.html")))
 }
 
-async fn add_method(State(portal): State<Portal>, headers: HeaderMap, Form(form): FormData) -> Page {
-    let (signed, organization) = signed_in(&portal, &headers)?;
-    let fields = Fields::checked(&signed.session, form)?;
+async fn add_method(State(portal): State<Portal>, CustomerForm(signed, organization, fields): CustomerForm) -> Page {
     let uri = format!("/v1/organizations/{organization}/payment-methods");
     let body = json!({"token": fields.get("token"), "default": true});
     let reply = portal.call(&signed.session, Method::POST, &uri, fields.idempotency().as_deref(), Some(body)).await;
@@ -409,12 +419,9 @@ async fn add_method(State(portal): State<Portal>, headers: HeaderMap, Form(form)
 
 async fn auto_top_up(
     State(portal): State<Portal>,
-    headers: HeaderMap,
     Path(id): Path<String>,
-    Form(form): FormData,
+    CustomerForm(signed, _, fields): CustomerForm,
 ) -> Page {
-    let (signed, _) = signed_in(&portal, &headers)?;
-    let fields = Fields::checked(&signed.session, form)?;
     let uri = format!("/v1/wallets/{}/auto-top-up", encode(&id));
     let reply = if fields.optional("off").is_some() {
         portal.call(&signed.session, Method::DELETE, &uri, None, None).await
@@ -432,12 +439,11 @@ async fn auto_top_up(
 
 async fn movements(
     State(portal): State<Portal>,
-    headers: HeaderMap,
+    Customer(signed, _): Customer,
     Path(id): Path<String>,
     Query(query): Query<HashMap<String, String>>,
 ) -> Page {
-    let (signed, _) = signed_in(&portal, &headers)?;
-    let wallet = wallet_of(&portal, &signed, &id).await?;
+    let wallet = portal.wallet(&signed.session, &id).await?;
     let (uri, filters) = movement_query(&id, &query);
     let reply = portal.get(&signed.session, &uri).await;
     let body = html! {
@@ -455,22 +461,20 @@ async fn movements(
 
 async fn statement(
     State(portal): State<Portal>,
-    headers: HeaderMap,
+    Customer(signed, _): Customer,
     Path(id): Path<String>,
     Query(query): Query<HashMap<String, String>>,
 ) -> Page {
-    let (signed, _) = signed_in(&portal, &headers)?;
-    let wallet = wallet_of(&portal, &signed, &id).await?;
+    let wallet = portal.wallet(&signed.session, &id).await?;
     let back = format!("/portal/wallets/{}", encode(&id));
     Ok(page(&signed, "Statement", statement_body(&portal, &signed, &wallet, &query, &back, "/portal").await))
 }
 
 async fn statement_csv(
     State(portal): State<Portal>,
-    headers: HeaderMap,
+    Customer(signed, _): Customer,
     Path(id): Path<String>,
     Query(query): Query<HashMap<String, String>>,
 ) -> Page {
-    let (signed, _) = signed_in(&portal, &headers)?;
     Ok(statement_download(&portal, &signed, &id, &query).await)
 }

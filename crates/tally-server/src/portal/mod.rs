@@ -229,6 +229,16 @@ impl Portal {
     pub async fn get(&self, session: &Session, uri: &str) -> Reply {
         self.call(session, Method::GET, uri, None, None).await
     }
+
+    /// A wallet the session's key may see, or the API's refusal as a page.
+    pub async fn wallet(&self, session: &Session, id: &str) -> Result<Value, Response> {
+        let reply = self.get(session, &format!("/v1/wallets/{}", encode(id))).await;
+        if reply.ok() {
+            Ok(reply.body)
+        } else {
+            Err(html::refused(&reply))
+        }
+    }
 }
 
 /// The value of cookie `name` in the request.
