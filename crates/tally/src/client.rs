@@ -149,6 +149,9 @@ pub enum ClientCommand {
         #[arg(long)]
         payment_method: Option<String>,
     },
+    /// A one-time customer portal link for a consumer organization (admin key, or a
+    /// merchant the consumer subscribes to).
+    PortalLink { organization: String },
     /// Organization verification: submit (default), or as the platform --approve or
     /// --reject REASON.
     VerifyOrg {
@@ -288,6 +291,9 @@ pub fn run(args: ClientArgs, command: ClientCommand) -> anyhow::Result<()> {
             Some(json!({"amount": amount, "payment_method": payment_method})),
             true,
         ),
+        ClientCommand::PortalLink { organization } => {
+            ("POST", "/v1/portal-sessions".to_string(), Some(json!({"organization": organization})), false)
+        }
         ClientCommand::VerifyOrg { organization, approve, reject } => match (approve, reject) {
             (true, None) => {
                 ("POST", format!("/v1/organizations/{organization}/verification/approve"), Some(json!({})), false)
