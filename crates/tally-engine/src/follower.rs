@@ -115,17 +115,7 @@ impl Drop for Follower {
 /// Applies every journal record after `seq`, as the leader applied it; the new sequence.
 fn follow(store: &mut PostgresStore, state: &mut State, mut seq: u64) -> Result<u64, StoreError> {
     store.scan_journal(seq + 1, |record_seq, at, commands, _| {
-        if record_seq != seq + 1 {
-            return Err(StoreError::ReplayDiverged { seq: record_seq, detail: format!("expected {}", seq + 1) });
-        }
-        for command in &commands {
-            if let Err(rejection) = state.apply(command, at) {
-                return Err(StoreError::ReplayDiverged {
-                    seq: record_seq,
-                    detail: format!("a journaled command was rejected on replay: {}", rejection.code()),
-                });
-            }
-        }
+        tally_store::apply_record(state, seq, record_seq, at, &commands)?;
         seq = record_seq;
         Ok(())
     })?;

@@ -183,8 +183,8 @@ impl IntoResponse for ApiError {
         if let Some(field) = self.field {
             body["field"] = field.into();
         }
-        if self.code == "not_leader" {
-            body["leader"] = self.leader.into();
+        if let Some(leader) = self.leader {
+            body["leader"] = leader.into();
         }
         let mut response = (status, body.to_string()).into_response();
         response.headers_mut().insert(header::CONTENT_TYPE, "application/problem+json".parse().expect("valid header"));

@@ -59,6 +59,30 @@ pub struct Loaded {
     pub replayed_commands: u64,
 }
 
+/// Applies journal record `record_seq` (its commands, at time `at`) to a state that
+/// reflects every record up to `seq`, exactly as the writer applied it: the step shared
+/// by loading and by a standby following the journal.
+pub fn apply_record(
+    state: &mut State,
+    seq: u64,
+    record_seq: u64,
+    at: Timestamp,
+    commands: &[Command],
+) -> Result<(), StoreError> {
+    if record_seq != seq + 1 {
+        return Err(StoreError::ReplayDiverged { seq: record_seq, detail: format!("expected sequence {}", seq + 1) });
+    }
+    for command in commands {
+        if let Err(rejection) = state.apply(command, at) {
+            return Err(StoreError::ReplayDiverged {
+                seq: record_seq,
+                detail: format!("a journaled command was rejected on replay: {}", rejection.code()),
+            });
+        }
+    }
+    Ok(())
+}
+
 /// Replays journal records (as `scan` visits them) onto `snapshot` (or an empty state
 /// with default settings), then checks the invariants: the load both stores share.
 /// Every change to settings is a journaled `Configure`, so a replay from nothing
@@ -74,20 +98,7 @@ pub(crate) fn replay(
     let mut replayed_batches = 0;
     let mut replayed_commands = 0;
     scan(seq + 1, &mut |batch_seq, at, commands, _| {
-        if batch_seq != seq + 1 {
-            return Err(StoreError::ReplayDiverged {
-                seq: batch_seq,
-                detail: format!("expected sequence {}", seq + 1),
-            });
-        }
-        for command in &commands {
-            if let Err(rejection) = state.apply(command, at) {
-                return Err(StoreError::ReplayDiverged {
-                    seq: batch_seq,
-                    detail: format!("a journaled command was rejected on replay: {}", rejection.code()),
-                });
-            }
-        }
+        apply_record(&mut state, seq, batch_seq, at, &commands)?;
         replayed_batches += 1;
         replayed_commands += commands.len() as u64;
         seq = batch_seq;

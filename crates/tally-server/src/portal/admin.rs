@@ -1,7 +1,9 @@
 //! The admin portal: the platform's operators, signed in with an admin API key.
 
 use super::html::{self, money, text};
-use super::{encode, see_other, session_cookie, Fields, Portal, Role, Signed, ADMIN_COOKIE, ADMIN_SESSION_TTL};
+use super::{
+    encode, see_other, session_cookie, Fields, FormData, Page, Portal, Role, Signed, ADMIN_COOKIE, ADMIN_SESSION_TTL,
+};
 use axum::extract::{Form, FromRequest, FromRequestParts, Path, Query, Request, State};
 use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, Method, StatusCode};
@@ -11,9 +13,6 @@ use axum::Router;
 use maud::{html, Markup};
 use serde_json::{json, Value};
 use std::collections::HashMap;
-
-type Page = Result<Response, Response>;
-type FormData = Form<HashMap<String, String>>;
 
 pub(super) fn routes() -> Router<Portal> {
     Router::new()
@@ -576,7 +575,7 @@ pub(super) async fn statement_download(
     let uri =
         format!("/v1/wallets/{}/statement?from={}&until={}&format=csv", encode(id), value("from"), value("until"));
     let response = portal.raw(&signed.session, Method::GET, &uri, None, None).await;
-    csv_download(response, &format!("statement-{id}.csv"))
+    super::attachment(response, &format!("statement-{id}.csv"))
 }
 
 /// The statement form and, once a period is given, the statement with a CSV download.
@@ -792,14 +791,4 @@ async fn set_payout_minimum(State(portal): State<Portal>, AdminForm(signed, fiel
     let body = json!({"amount": fields.get("amount"), "currency": fields.get("currency").to_ascii_uppercase()});
     let reply = portal.call(&signed.session, Method::PUT, "/v1/payout-minimums", None, Some(body)).await;
     Ok(portal.after(&signed, &reply, "Minimum payout saved.", "/admin/settings"))
-}
-
-pub(super) fn csv_download(response: Response, name: &str) -> Response {
-    let mut response = response;
-    if response.status().is_success() {
-        if let Ok(value) = header::HeaderValue::from_str(&format!("attachment; filename=\"{name}\"")) {
-            response.headers_mut().insert(header::CONTENT_DISPOSITION, value);
-        }
-    }
-    response.into_response()
 }

@@ -3,7 +3,10 @@
 
 use super::admin::{movement_filters, movement_query, statement_body, statement_download};
 use super::html::{self, money, text};
-use super::{encode, see_other, session_cookie, Fields, Portal, Role, Signed, CUSTOMER_SESSION_TTL, PORTAL_COOKIE};
+use super::{
+    encode, see_other, session_cookie, Fields, FormData, Page, Portal, Role, Signed, CUSTOMER_SESSION_TTL,
+    PORTAL_COOKIE,
+};
 use axum::extract::{Form, FromRequest, FromRequestParts, Path, Query, Request, State};
 use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, Method, StatusCode};
@@ -13,9 +16,6 @@ use axum::Router;
 use maud::{html, Markup};
 use serde_json::{json, Value};
 use std::collections::HashMap;
-
-type Page = Result<Response, Response>;
-type FormData = Form<HashMap<String, String>>;
 
 /// The sandbox provider's test payment methods, offered when adding one.
 const SANDBOX_TOKENS: [(&str, &str); 4] = [
@@ -405,7 +405,7 @@ async fn show_top_up(State(portal): State<Portal>, Customer(signed, _): Customer
 async fn download_receipt(State(portal): State<Portal>, Customer(signed, _): Customer, Path(id): Path<String>) -> Page {
     let uri = format!("/v1/top-ups/{}/receipt?format=html", encode(&id));
     let response = portal.raw(&signed.session, Method::GET, &uri, None, None).await;
-    Ok(super::admin::csv_download(response, &format!("receipt-{id}.html")))
+    Ok(super::attachment(response, &format!("receipt-{id}.html")))
 }
 
 async fn add_method(State(portal): State<Portal>, CustomerForm(signed, organization, fields): CustomerForm) -> Page {

@@ -150,6 +150,21 @@ impl Sessions {
     }
 }
 
+/// A page, or the page that answers instead (sign in, an error).
+pub(crate) type Page = Result<Response, Response>;
+/// A posted HTML form's fields.
+pub(crate) type FormData = axum::extract::Form<HashMap<String, String>>;
+
+/// Marks a successful API answer as a download named `name`.
+pub(crate) fn attachment(mut response: Response, name: &str) -> Response {
+    if response.status().is_success() {
+        if let Ok(value) = HeaderValue::from_str(&format!("attachment; filename=\"{name}\"")) {
+            response.headers_mut().insert(header::CONTENT_DISPOSITION, value);
+        }
+    }
+    response
+}
+
 /// What the portal handlers share: the app and the API router they call.
 #[derive(Clone)]
 pub(crate) struct Portal {
