@@ -1178,9 +1178,9 @@ impl State {
             return 0;
         }
         let forgotten = self.idempotency_previous.len() as u64;
-        // The next generation will likely be as large as this one; sizing it now avoids
-        // growing a large table (and copying it) while commands wait.
-        let expected = self.idempotency.len();
+        // The next generation will likely be as large as this one; it gets the same room
+        // (zeroed memory, which costs nothing until keys arrive), so it rarely grows.
+        let expected = self.idempotency.len().max(self.idempotency.capacity());
         let next = KeyTable::with_capacity(expected);
         self.idempotency_previous = std::mem::replace(&mut self.idempotency, next);
         self.idempotency_generation_started_at = now;

@@ -659,7 +659,7 @@ impl State {
             return 0;
         }
         let forgotten = self.usage_keys_previous.len() as u64;
-        let next = KeyTable::with_capacity(self.usage_keys.len());
+        let next = KeyTable::with_capacity(self.usage_keys.len().max(self.usage_keys.capacity()));
         self.usage_keys_previous = std::mem::replace(&mut self.usage_keys, next);
         self.usage_generation_started_at = now;
         forgotten
