@@ -27,6 +27,8 @@ use tally_ledger::{Command, Receipt, State, Timestamp};
 pub enum StoreError {
     #[error("database error: {0}")]
     Database(#[from] rusqlite::Error),
+    #[error("I/O error: {0}")]
+    Io(#[from] std::io::Error),
     #[error("PostgreSQL error: {0}")]
     Postgres(String),
     #[error("fenced: {holder} no longer holds the writer's lease at epoch {epoch}; another node took over")]

@@ -147,6 +147,47 @@ const SNAPSHOTS_KEPT: i64 = 2;
 pub struct SqliteStore {
     path: PathBuf,
     connection: Connection,
+    /// Dropping it stops the checkpointer thread.
+    _checkpointer: Checkpointer,
+}
+
+/// How often the checkpointer copies committed WAL frames into the database file.
+const CHECKPOINT_INTERVAL: std::time::Duration = std::time::Duration::from_millis(250);
+/// The WAL file is truncated back to this size when a checkpoint leaves it longer.
+const WAL_SIZE_LIMIT_BYTES: i64 = 64 << 20;
+
+/// Checkpoints the WAL from a thread and connection of its own. SQLite would otherwise
+/// run each checkpoint inside whichever commit crossed its threshold, and that commit
+/// (and every request waiting on it) would wait for the database file's writes and
+/// sync: a few milliseconds, several times a second under load. A passive checkpoint
+/// never blocks the committer, which keeps appending to the WAL meanwhile.
+struct Checkpointer {
+    stop: Option<std::sync::mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Checkpointer {
+    fn spawn(path: &Path) -> Result<Checkpointer, StoreError> {
+        let connection = open_connection(path)?;
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::Builder::new().name("tally-checkpoint".into()).spawn(move || {
+            while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(CHECKPOINT_INTERVAL) {
+                if let Err(error) = connection.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+                    tracing::warn!(%error, "WAL checkpoint failed; the next one retries");
+                }
+            }
+        })?;
+        Ok(Checkpointer { stop: Some(stop), thread: Some(thread) })
+    }
+}
+
+impl Drop for Checkpointer {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
 }
 
 /// Opens a connection with the pragmas every Tally connection uses.
@@ -165,7 +206,11 @@ impl SqliteStore {
         let path = path.as_ref().to_path_buf();
         let mut connection = open_connection(&path)?;
         migrate(&mut connection, MIGRATIONS)?;
-        Ok(SqliteStore { path, connection })
+        // Commits never checkpoint; the checkpointer thread does (see [`Checkpointer`]).
+        connection.pragma_update(None, "wal_autocheckpoint", 0)?;
+        connection.pragma_update(None, "journal_size_limit", WAL_SIZE_LIMIT_BYTES)?;
+        let checkpointer = Checkpointer::spawn(&path)?;
+        Ok(SqliteStore { path, connection, _checkpointer: checkpointer })
     }
 
     pub fn path(&self) -> &Path {

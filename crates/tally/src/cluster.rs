@@ -91,6 +91,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
     )
     .context("loading the ledger from PostgreSQL to follow it")?;
     {
+        crate::memory::serving();
         let keys = tally_server::KeyRing::new(ApiKeys::open_postgres(&url, schema.as_deref())?)?;
         let standby = app_state(&args, &local, follower.handle(), projector.clone(), keys, clock.clone())?;
         *current.write().expect("router lock") = tally_server::router(standby);

@@ -282,6 +282,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let clock = Arc::new(SystemClock);
     let engine = Engine::start(store, clock.clone(), engine_config(&args), Some(Box::new(move |_| notify.notify())))
         .context("starting the engine (the database failed its checks?)")?;
+    crate::memory::serving();
     let keys = tally_server::KeyRing::new(ApiKeys::open(&path)?)?;
     bootstrap_key(&keys, &*clock)?;
     let state = app_state(&args, &path, engine.handle(), projector, keys, clock)?;
