@@ -30,6 +30,10 @@ pub fn decode_receipts(bytes: &[u8], seq: u64) -> Result<Vec<Receipt>, StoreErro
     decode(bytes, "receipts", seq)
 }
 
+pub fn decode_legs(bytes: &[u8], seq: u64) -> Result<Vec<tally_ledger::Leg>, StoreError> {
+    decode(bytes, "operation legs", seq)
+}
+
 pub fn encode_state(state: &State) -> Vec<u8> {
     encode(state)
 }

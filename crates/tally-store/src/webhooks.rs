@@ -297,6 +297,7 @@ impl WebhookStore {
                 )
                 .optional()?;
             let Some((kind, organization, object, at, data)) = event else { continue };
+            let data = crate::events::event_data(&self.connection, "history", &kind, &object, data)?;
             let body =
                 event_json(delivery.event, &kind, organization.map(|o| OrganizationId(o as u64)), &object, at, &data);
             due.push(DueDelivery { delivery, endpoint, body });
@@ -404,10 +405,16 @@ impl WebhookStore {
             let kind: String = row.get(1)?;
             let organization = row.get::<_, Option<i64>>(2)?.map(|o| OrganizationId(o as u64));
             let object: String = row.get(3)?;
-            let body = event_json(id, &kind, organization, &object, row.get(4)?, &row.get::<_, String>(5)?);
-            Ok((id, kind, body))
+            Ok((id, kind, organization, object, row.get::<_, i64>(4)?, row.get::<_, String>(5)?))
         })?;
-        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        let mut events = Vec::new();
+        for row in rows {
+            let (id, kind, organization, object, at, data) = row?;
+            let data = crate::events::event_data(&self.connection, "history", &kind, &object, data)?;
+            let body = event_json(id, &kind, organization, &object, at, &data);
+            events.push((id, kind, body));
+        }
+        Ok(events)
     }
 
     /// Deliveries waiting to be sent or retried.

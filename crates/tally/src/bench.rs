@@ -567,6 +567,8 @@ fn start_engine(
     args: &BenchArgs,
     snapshot_on_shutdown: bool,
 ) -> anyhow::Result<(Engine, Option<Arc<Projector>>)> {
+    // The ledger's schema exists before the projector, which reads its journal, starts.
+    let sqlite = if args.postgres_url.is_none() { Some(SqliteStore::open(path)?) } else { None };
     let projector = if args.history { Some(Arc::new(Projector::spawn(path)?)) } else { None };
     let notify = projector.clone();
     let config = EngineConfig {
@@ -584,7 +586,7 @@ fn start_engine(
             let store = tally_store::PostgresStore::open_in_schema(url, Some("tally_bench"))?;
             Engine::start(store, Arc::new(SystemClock), config, on_commit)?
         }
-        None => Engine::start(SqliteStore::open(path)?, Arc::new(SystemClock), config, on_commit)?,
+        None => Engine::start(sqlite.expect("opened above"), Arc::new(SystemClock), config, on_commit)?,
     };
     Ok((engine, projector))
 }
@@ -615,6 +617,19 @@ fn run_engine(args: &BenchArgs, world: &World, workloads: &[Workload]) -> anyhow
     for workload in workloads {
         let report = drive(args, world, &handle, *workload, wallets)?;
         report.print(args.json);
+        if let Some(projector) = &projector {
+            // How far history lags when the load stops, and how long it takes to catch up.
+            let durable = handle.stats().durable_seq.load(Ordering::Acquire);
+            let started = Instant::now();
+            let behind = durable.saturating_sub(projector.watermark());
+            ensure!(projector.wait_for(durable, Duration::from_secs(600)), "history did not catch up");
+            if !args.json {
+                println!(
+                    "  history: {behind} journal records behind when the load stopped; caught up in {:.2}s",
+                    started.elapsed().as_secs_f64()
+                );
+            }
+        }
     }
     let problems = handle.read(|state| state.check_invariants())?;
     ensure!(problems.is_empty(), "invariants broken: {problems:?}");
