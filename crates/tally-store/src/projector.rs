@@ -29,8 +29,6 @@ const PROJECTION_BATCH_RECORDS: i64 = 2048;
 /// load. A reader that must see a write does not wait this long: it hurries the
 /// projector ([`Projector::wait_for`]).
 const PROJECTION_INTERVAL_MIN: Duration = Duration::from_millis(20);
-/// The projector's page cache, in KiB.
-const PROJECTOR_CACHE_KIB: i64 = 128 << 10;
 /// Most movements one history query returns.
 pub const PAGE_SIZE_MAX: u32 = 500;
 
@@ -76,10 +74,6 @@ impl Projector {
         let mut connection = open_history(&path)?;
         // History can be rebuilt from the journal, so the projection need not fsync.
         connection.pragma_update(None, "synchronous", "NORMAL")?;
-        // History's indexes take inserts at random places (idempotency keys, consumers'
-        // movements); with SQLite's default 2 MiB page cache a transaction spilled dirty
-        // pages and read them back, and projection fell behind 12,000 charges/s.
-        connection.pragma_update(None, "cache_size", -PROJECTOR_CACHE_KIB)?;
         let start: i64 = connection.query_row("SELECT seq FROM projection WHERE id = 1", [], |row| row.get(0))?;
         let stop = Arc::new(AtomicBool::new(false));
         let watermark = Arc::new(AtomicU64::new(start as u64));
@@ -233,7 +227,7 @@ struct SqlDirectory<'a> {
 /// change, so every charge need not ask the directory table again. Bounded: it starts
 /// over when full.
 #[derive(Default)]
-pub(crate) struct WalletOwners(std::collections::HashMap<WalletId, (OrganizationId, Currency)>);
+struct WalletOwners(std::collections::HashMap<WalletId, (OrganizationId, Currency)>);
 
 /// Most wallets [`WalletOwners`] remembers.
 const WALLET_OWNERS_MAX: usize = 1 << 20;
