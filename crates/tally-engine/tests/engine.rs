@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tally_engine::*;
 use tally_ledger::*;
-use tally_store::{JournalBatch, Loaded, SqliteStore, Store, StoreError};
+use tally_store::{JournalBatch, Loaded, Snapshots, SqliteStore, Store, StoreError};
 
 const START: Timestamp = 1_700_000_000_000;
 
@@ -84,8 +84,8 @@ impl Store for FlakyStore {
         }
         self.inner.commit(batches)
     }
-    fn write_snapshot(&mut self, seq: u64, encoded: &[u8]) -> Result<(), StoreError> {
-        self.inner.write_snapshot(seq, encoded)
+    fn snapshots(&self) -> Result<Box<dyn Snapshots>, StoreError> {
+        self.inner.snapshots()
     }
 }
 
@@ -160,8 +160,8 @@ impl Store for GatedStore {
         let _open = self.gate.lock().unwrap();
         self.inner.commit(batches)
     }
-    fn write_snapshot(&mut self, seq: u64, encoded: &[u8]) -> Result<(), StoreError> {
-        self.inner.write_snapshot(seq, encoded)
+    fn snapshots(&self) -> Result<Box<dyn Snapshots>, StoreError> {
+        self.inner.snapshots()
     }
 }
 
@@ -356,4 +356,82 @@ fn usage_event_ids_stay_known_across_restarts_for_seven_days() {
         assert_eq!(balance(&handle, 2), "0.80");
         engine.shutdown();
     }
+}
+
+#[test]
+fn periodic_snapshots_are_rebuilt_off_the_writer_and_a_restart_starts_from_the_newest() {
+    let directory = tempfile::tempdir().unwrap();
+    let path = directory.path().join("t.db");
+    let clock = Arc::new(ManualClock::new(START));
+    let config = EngineConfig { snapshot_every_commands: 20, snapshot_on_shutdown: false, ..EngineConfig::default() };
+    let engine = Engine::start(SqliteStore::open(&path).unwrap(), clock.clone(), config.clone(), None).unwrap();
+    let handle = engine.handle();
+    setup(&handle, 2);
+    for n in 0..100 {
+        handle.execute(credit(1 + n % 2, "1.00", &format!("c{n}"))).unwrap();
+    }
+    // The snapshot thread looks every few milliseconds; give it a generous while.
+    let snapshot_dir = tally_store::snapshot_dir(&path);
+    let newest = || {
+        std::fs::read_dir(&snapshot_dir)
+            .map(|entries| {
+                entries
+                    .filter_map(|e| e.ok()?.file_name().to_str()?.strip_suffix(".snapshot")?.parse::<u64>().ok())
+                    .max()
+            })
+            .ok()
+            .flatten()
+    };
+    for _ in 0..250 {
+        if newest().is_some_and(|seq| seq >= 80) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let snapshot_seq = newest().expect("a periodic snapshot was written");
+    // One is due at least every 20 commands, so one follows record 80 or later.
+    assert!(snapshot_seq >= 80, "the newest snapshot ({snapshot_seq}) should cover most of the 105 records");
+    // Written while the engine ran and after: the shutdown writes none (turned off).
+    handle.execute(credit(1, "5.00", "after")).unwrap();
+    engine.shutdown();
+
+    let mut store = SqliteStore::open(&path).unwrap();
+    let from_snapshot = store.load().unwrap();
+    let from_scratch = store.load_with(true).unwrap();
+    assert!(from_snapshot.replayed_commands <= 26, "replayed {} commands", from_snapshot.replayed_commands);
+    assert!(from_scratch.replayed_commands >= 105);
+    assert_eq!(from_snapshot.seq, from_scratch.seq);
+    assert_eq!(from_snapshot.state, from_scratch.state);
+    let engine = Engine::start(store, clock, config, None).unwrap();
+    assert_eq!(balance(&engine.handle(), 1), "55.00");
+    assert_eq!(balance(&engine.handle(), 2), "50.00");
+}
+
+#[test]
+fn a_snapshot_left_beside_another_database_is_ignored() {
+    let directory = tempfile::tempdir().unwrap();
+    let (first, second) = (directory.path().join("a.db"), directory.path().join("b.db"));
+    let clock = Arc::new(ManualClock::new(START));
+    let engine = start(SqliteStore::open(&first).unwrap(), clock.clone());
+    setup(&engine.handle(), 1);
+    engine.handle().execute(credit(1, "7.00", "a")).unwrap();
+    engine.shutdown();
+    // Another database, started later, with as many journal records, gets the first one's snapshots.
+    clock.advance(1_000);
+    let engine = Engine::start(
+        SqliteStore::open(&second).unwrap(),
+        clock.clone(),
+        EngineConfig { snapshot_on_shutdown: false, ..EngineConfig::default() },
+        None,
+    )
+    .unwrap();
+    setup(&engine.handle(), 1);
+    engine.handle().execute(credit(1, "2.00", "b")).unwrap();
+    engine.shutdown();
+    std::fs::rename(tally_store::snapshot_dir(&first), tally_store::snapshot_dir(&second)).unwrap();
+    let mut store = SqliteStore::open(&second).unwrap();
+    let loaded = store.load().unwrap();
+    let from_scratch = store.load_with(true).unwrap();
+    assert_eq!(loaded.replayed_commands, from_scratch.replayed_commands, "the foreign snapshot must not be used");
+    assert_eq!(loaded.state.wallet(WalletId(1)).unwrap().balance().format(2), "2.00");
 }

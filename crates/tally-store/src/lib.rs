@@ -9,6 +9,7 @@ mod codec;
 pub mod events;
 mod postgres;
 mod projector;
+mod snapshots;
 mod sqlite;
 pub mod webhooks;
 
@@ -19,6 +20,7 @@ pub use postgres::{JournalMirror, Lease, PostgresStore};
 pub use projector::{
     ChargeDetail, EventFilter, EventRow, HistoryReader, Movement, MovementFilter, Projector, UsageRecord, PAGE_SIZE_MAX,
 };
+pub use snapshots::snapshot_dir;
 pub use sqlite::{encode_snapshot, history_path, SqliteStore};
 
 use tally_ledger::{Command, Receipt, State, Timestamp};
@@ -119,6 +121,16 @@ pub trait Store: Send + 'static {
     fn load(&mut self) -> Result<Loaded, StoreError>;
     /// Makes batches durable, all in one transaction, or fails having written nothing.
     fn commit(&mut self, batches: &[JournalBatch<'_>]) -> Result<(), StoreError>;
-    /// Stores an encoded snapshot of the state after journal sequence `seq`.
-    fn write_snapshot(&mut self, seq: u64, encoded: &[u8]) -> Result<(), StoreError>;
+    /// A second handle on the same storage for the snapshot thread, which rebuilds the
+    /// state from the newest snapshot and the durable journal after it, and stores the
+    /// result as the next snapshot, without holding up the writer or the committer.
+    fn snapshots(&self) -> Result<Box<dyn Snapshots>, StoreError>;
+}
+
+/// Snapshots, as the snapshot thread reads and writes them.
+pub trait Snapshots: Send + 'static {
+    /// Loads like [`Store::load`]: the newest snapshot and the durable journal after it.
+    fn load(&mut self) -> Result<Loaded, StoreError>;
+    /// Stores the encoded state after journal sequence `seq`, which is durable.
+    fn write(&mut self, seq: u64, encoded: &[u8]) -> Result<(), StoreError>;
 }

@@ -4,7 +4,7 @@
 //! round trip and one WAL flush however many batches it carries.
 
 use crate::codec::{self, FORMAT_VERSION};
-use crate::{JournalBatch, Loaded, Store, StoreError};
+use crate::{JournalBatch, Loaded, Snapshots, Store, StoreError};
 use postgres::{Client, NoTls};
 use tally_ledger::{Command, Receipt, State, Timestamp};
 
@@ -331,10 +331,28 @@ impl Store for PostgresStore {
         transaction.commit().map_err(database)
     }
 
-    fn write_snapshot(&mut self, seq: u64, encoded: &[u8]) -> Result<(), StoreError> {
-        self.reconnect_if_closed()?;
-        let mut transaction = self.client.transaction().map_err(database)?;
-        fence(&mut transaction, &self.lease)?;
+    fn snapshots(&self) -> Result<Box<dyn Snapshots>, StoreError> {
+        let store = PostgresStore::open_in_schema(&self.url, self.schema.as_deref())?;
+        Ok(Box::new(SnapshotRows { store }))
+    }
+}
+
+/// Reads the journal and writes snapshot rows over a connection of its own, unfenced
+/// on purpose: a snapshot only restates journal records that were committed under the
+/// lease, which a later leader continues and never rewrites, and taking the lease row's
+/// lock would make the commits wait for the whole write.
+struct SnapshotRows {
+    store: PostgresStore,
+}
+
+impl Snapshots for SnapshotRows {
+    fn load(&mut self) -> Result<Loaded, StoreError> {
+        self.store.load()
+    }
+
+    fn write(&mut self, seq: u64, encoded: &[u8]) -> Result<(), StoreError> {
+        self.store.reconnect_if_closed()?;
+        let mut transaction = self.store.client.transaction().map_err(database)?;
         transaction
             .execute(
                 "INSERT INTO snapshots (seq, format, state) VALUES ($1, $2, $3)

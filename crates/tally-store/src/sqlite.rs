@@ -1,7 +1,8 @@
 //! The embedded SQLite store: one file, WAL mode, full fsync on every commit.
 
 use crate::codec::{self, FORMAT_VERSION};
-use crate::{JournalBatch, Loaded, Store, StoreError};
+use crate::snapshots::{self, snapshot_dir, JournalMark};
+use crate::{JournalBatch, Loaded, Snapshots, Store, StoreError};
 use rusqlite::{params, Connection, OptionalExtension};
 use std::path::{Path, PathBuf};
 use tally_ledger::{Command, Receipt, State, Timestamp};
@@ -141,9 +142,6 @@ pub(crate) fn open_history(path: &Path) -> Result<Connection, StoreError> {
     Ok(connection)
 }
 
-/// How many old snapshots to keep besides the newest, in case the newest is unreadable.
-const SNAPSHOTS_KEPT: i64 = 2;
-
 pub struct SqliteStore {
     path: PathBuf,
     connection: Connection,
@@ -231,49 +229,15 @@ impl SqliteStore {
     pub fn scan_journal(
         &self,
         from_seq: u64,
-        mut visit: impl FnMut(u64, Timestamp, Vec<Command>, &[u8]) -> Result<(), StoreError>,
+        visit: impl FnMut(u64, Timestamp, Vec<Command>, &[u8]) -> Result<(), StoreError>,
     ) -> Result<(), StoreError> {
-        let mut statement = self
-            .connection
-            .prepare("SELECT seq, at, format, commands, receipts FROM journal WHERE seq >= ?1 ORDER BY seq")?;
-        let mut rows = statement.query(params![from_seq as i64])?;
-        while let Some(row) = rows.next()? {
-            let seq = row.get::<_, i64>(0)? as u64;
-            let at: i64 = row.get(1)?;
-            let format: i64 = row.get(2)?;
-            if format as u32 > FORMAT_VERSION {
-                return Err(StoreError::NewerFormat { found: format as u32, supported: FORMAT_VERSION });
-            }
-            let commands = codec::decode_commands(row.get_ref(3)?.as_blob()?, seq)?;
-            visit(seq, at, commands, row.get_ref(4)?.as_blob()?)?;
-        }
-        Ok(())
-    }
-
-    /// The newest readable snapshot, if any.
-    fn latest_snapshot(&self) -> Result<Option<(u64, State)>, StoreError> {
-        let row: Option<(i64, i64, Vec<u8>)> = self
-            .connection
-            .query_row("SELECT seq, format, state FROM snapshots ORDER BY seq DESC LIMIT 1", [], |row| {
-                Ok((row.get(0)?, row.get(1)?, row.get(2)?))
-            })
-            .optional()?;
-        match row {
-            None => Ok(None),
-            Some((seq, format, bytes)) => {
-                if format as u32 > FORMAT_VERSION {
-                    return Err(StoreError::NewerFormat { found: format as u32, supported: FORMAT_VERSION });
-                }
-                Ok(Some((seq as u64, codec::decode_state(&bytes, seq as u64)?)))
-            }
-        }
+        scan_journal(&self.connection, from_seq, visit)
     }
 
     /// Loads like [`Store::load`], starting from the snapshot or, with `from_scratch`,
     /// from an empty state and the whole journal.
     pub fn load_with(&mut self, from_scratch: bool) -> Result<Loaded, StoreError> {
-        let snapshot = if from_scratch { None } else { self.latest_snapshot()? };
-        crate::replay(snapshot, |from, visit| self.scan_journal(from, visit))
+        load(&self.connection, &self.path, from_scratch)
     }
 }
 
@@ -305,22 +269,102 @@ impl Store for SqliteStore {
         Ok(())
     }
 
-    fn write_snapshot(&mut self, seq: u64, encoded: &[u8]) -> Result<(), StoreError> {
-        let transaction = self.connection.transaction()?;
-        transaction.execute(
-            "INSERT OR REPLACE INTO snapshots (seq, format, state) VALUES (?1, ?2, ?3)",
-            params![seq as i64, FORMAT_VERSION, encoded],
-        )?;
-        transaction.execute(
-            "DELETE FROM snapshots WHERE seq NOT IN (SELECT seq FROM snapshots ORDER BY seq DESC LIMIT ?1)",
-            params![SNAPSHOTS_KEPT + 1],
-        )?;
-        transaction.commit()?;
-        Ok(())
+    fn snapshots(&self) -> Result<Box<dyn Snapshots>, StoreError> {
+        Ok(Box::new(SnapshotFiles { connection: open_connection(&self.path)?, path: self.path.clone() }))
     }
 }
 
-/// Encodes a state for [`Store::write_snapshot`]; the engine calls it on its own thread.
+/// Loads the state: the newest usable snapshot (or, with `from_scratch`, nothing) and
+/// the journal after it.
+fn load(connection: &Connection, path: &Path, from_scratch: bool) -> Result<Loaded, StoreError> {
+    let snapshot = if from_scratch { None } else { latest_snapshot(connection, path)? };
+    crate::replay(snapshot, |from, visit| scan_journal(connection, from, visit))
+}
+
+/// Calls `visit` with every journal record from `from_seq` on, in order.
+fn scan_journal(
+    connection: &Connection,
+    from_seq: u64,
+    mut visit: impl FnMut(u64, Timestamp, Vec<Command>, &[u8]) -> Result<(), StoreError>,
+) -> Result<(), StoreError> {
+    let mut statement =
+        connection.prepare("SELECT seq, at, format, commands, receipts FROM journal WHERE seq >= ?1 ORDER BY seq")?;
+    let mut rows = statement.query(params![from_seq as i64])?;
+    while let Some(row) = rows.next()? {
+        let seq = row.get::<_, i64>(0)? as u64;
+        let at: i64 = row.get(1)?;
+        let format: i64 = row.get(2)?;
+        if format as u32 > FORMAT_VERSION {
+            return Err(StoreError::NewerFormat { found: format as u32, supported: FORMAT_VERSION });
+        }
+        let commands = codec::decode_commands(row.get_ref(3)?.as_blob()?, seq)?;
+        visit(seq, at, commands, row.get_ref(4)?.as_blob()?)?;
+    }
+    Ok(())
+}
+
+/// The newest usable snapshot, if any: the newest snapshot file that follows a
+/// record of this journal, or a snapshot row (where earlier versions wrote them)
+/// when that is newer. An unusable file is reported and passed over; the journal
+/// replays from an older snapshot instead.
+fn latest_snapshot(connection: &Connection, path: &Path) -> Result<Option<(u64, State)>, StoreError> {
+    let row_seq: Option<i64> = connection.query_row("SELECT MAX(seq) FROM snapshots", [], |row| row.get(0))?;
+    let row_seq = row_seq.map(|seq| seq as u64);
+    let dir = snapshot_dir(path);
+    for seq in snapshots::list(&dir)? {
+        if row_seq.is_some_and(|row_seq| row_seq >= seq) {
+            break;
+        }
+        match snapshots::read(&dir, seq, |seq| journal_mark(connection, seq)) {
+            Ok(bytes) => return Ok(Some((seq, codec::decode_state(&bytes, seq)?))),
+            Err(snapshots::Unusable::Error(error @ StoreError::NewerFormat { .. })) => return Err(error),
+            Err(unusable) => {
+                tracing::warn!(seq, dir = %dir.display(), %unusable, "snapshot file passed over");
+            }
+        }
+    }
+    let Some(seq) = row_seq else { return Ok(None) };
+    let (format, bytes): (i64, Vec<u8>) =
+        connection.query_row("SELECT format, state FROM snapshots WHERE seq = ?1", params![seq as i64], |row| {
+            Ok((row.get(0)?, row.get(1)?))
+        })?;
+    if format as u32 > FORMAT_VERSION {
+        return Err(StoreError::NewerFormat { found: format as u32, supported: FORMAT_VERSION });
+    }
+    Ok(Some((seq, codec::decode_state(&bytes, seq)?)))
+}
+
+fn journal_mark(connection: &Connection, seq: u64) -> Result<Option<JournalMark>, StoreError> {
+    Ok(connection
+        .query_row("SELECT at, length(commands) FROM journal WHERE seq = ?1", params![seq as i64], |row| {
+            Ok(JournalMark { at: row.get(0)?, commands_len: row.get::<_, i64>(1)? as u64 })
+        })
+        .optional()?)
+}
+
+/// Reads the journal and writes snapshot files (see [`crate::snapshots`]) with a
+/// connection of its own: a reader, which never waits for the committer nor holds it up.
+struct SnapshotFiles {
+    connection: Connection,
+    path: PathBuf,
+}
+
+impl Snapshots for SnapshotFiles {
+    fn load(&mut self) -> Result<Loaded, StoreError> {
+        load(&self.connection, &self.path, false)
+    }
+
+    fn write(&mut self, seq: u64, encoded: &[u8]) -> Result<(), StoreError> {
+        let mark = journal_mark(&self.connection, seq)?.ok_or_else(|| StoreError::Corrupt {
+            what: "snapshot",
+            seq,
+            detail: "the journal has no record at this sequence".into(),
+        })?;
+        snapshots::write(&snapshot_dir(&self.path), seq, mark, encoded)
+    }
+}
+
+/// Encodes a state for [`Snapshots::write`].
 pub fn encode_snapshot(state: &State) -> Vec<u8> {
     codec::encode_state(state)
 }
