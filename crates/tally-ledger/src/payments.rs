@@ -365,6 +365,18 @@ pub enum PaymentCommand {
         amount: Option<Amount>,
         reason: String,
     },
+    /// `CreateTopUp` with the total (amount plus taxes) the payer reviewed: refused with
+    /// `total_changed` when the taxes now give another total, so a card is never
+    /// charged more (or less) than was shown. (A variant of its own, last, so journals
+    /// written before it still decode.)
+    CreateReviewedTopUp {
+        key: IdempotencyKey,
+        actor: Option<OrganizationId>,
+        wallet: WalletId,
+        amount: Money,
+        method: PaymentMethodId,
+        total: Amount,
+    },
 }
 
 /// What a payments command did.
@@ -403,6 +415,9 @@ pub enum PaymentReceipt {
         settled: bool,
         operation: Option<Operation>,
     },
+    /// `AddMethod` of a token the organization had saved already: that method, not a
+    /// second one. (Last, so journals written before it still decode.)
+    MethodSavedBefore(Box<PaymentMethod>),
 }
 
 fn index(id: u64) -> usize {
@@ -488,6 +503,20 @@ impl State {
                 }
                 if !self.payments.allows(*organization, details.kind) {
                     return Err(Rejection::PaymentMethodTypeNotAllowed);
+                }
+                // A token is saved once per organization: adding it again (a retry) gives
+                // the method saved the first time.
+                let saved = self
+                    .payments
+                    .methods
+                    .iter()
+                    .find(|m| m.organization == *organization && !m.removed && *m.token == **token)
+                    .cloned();
+                if let Some(method) = saved {
+                    if *make_default {
+                        self.payments.default_method.insert(*organization, method.id);
+                    }
+                    return Ok(Receipt::Payment(PaymentReceipt::MethodSavedBefore(Box::new(method))));
                 }
                 let owned =
                     self.payments.methods.iter().filter(|m| m.organization == *organization && !m.removed).count();
@@ -628,32 +657,10 @@ impl State {
                 PaymentReceipt::WalletSettingsSet(*wallet)
             }
             PaymentCommand::CreateTopUp { key, actor, wallet, amount, method } => {
-                if let Some(existing) = self.payments.top_up_keys.get(&key.0) {
-                    let top_up = &self.payments.top_ups[index(existing.0)];
-                    if top_up.wallet != *wallet || top_up.amount != amount.amount.units() || top_up.method != *method {
-                        return Err(Rejection::IdempotencyKeyMismatch);
-                    }
-                    return Ok(Receipt::Payment(PaymentReceipt::TopUp {
-                        top_up: Box::new(top_up.clone()),
-                        created: false,
-                        settled: false,
-                        operation: None,
-                        rule_disabled: false,
-                    }));
-                }
-                let w = self.wallet(*wallet).ok_or(Rejection::WalletNotFound)?;
-                if actor.is_some_and(|a| a != w.organization) {
-                    return Err(Rejection::WalletNotFound);
-                }
-                let top_up = self.new_top_up(*wallet, *amount, *method, false, now)?;
-                self.payments.top_up_keys.insert(key.0, top_up.id);
-                PaymentReceipt::TopUp {
-                    top_up: Box::new(top_up),
-                    created: true,
-                    settled: false,
-                    operation: None,
-                    rule_disabled: false,
-                }
+                self.create_top_up(key, *actor, *wallet, *amount, *method, None, now)?
+            }
+            PaymentCommand::CreateReviewedTopUp { key, actor, wallet, amount, method, total } => {
+                self.create_top_up(key, *actor, *wallet, *amount, *method, Some(*total), now)?
             }
             PaymentCommand::StartAutoTopUp { wallet } => self.start_auto_top_up(*wallet, now)?,
             PaymentCommand::SettleTopUp { top_up, outcome } => self.settle_top_up(*top_up, outcome, now)?,
@@ -740,12 +747,56 @@ impl State {
     }
 
     /// Checks and records a pending top-up (nothing moves until it is settled).
+    #[allow(clippy::too_many_arguments)]
+    fn create_top_up(
+        &mut self,
+        key: &IdempotencyKey,
+        actor: Option<OrganizationId>,
+        wallet: WalletId,
+        amount: Money,
+        method: PaymentMethodId,
+        reviewed_total: Option<Amount>,
+        now: Timestamp,
+    ) -> Result<PaymentReceipt, Rejection> {
+        if let Some(existing) = self.payments.top_up_keys.get(&key.0) {
+            let top_up = &self.payments.top_ups[index(existing.0)];
+            if top_up.wallet != wallet
+                || top_up.amount != amount.amount.units()
+                || top_up.method != method
+                || reviewed_total.is_some_and(|total| total.units() != top_up.total)
+            {
+                return Err(Rejection::IdempotencyKeyMismatch);
+            }
+            return Ok(PaymentReceipt::TopUp {
+                top_up: Box::new(top_up.clone()),
+                created: false,
+                settled: false,
+                operation: None,
+                rule_disabled: false,
+            });
+        }
+        let w = self.wallet(wallet).ok_or(Rejection::WalletNotFound)?;
+        if actor.is_some_and(|a| a != w.organization) {
+            return Err(Rejection::WalletNotFound);
+        }
+        let top_up = self.new_top_up(wallet, amount, method, false, reviewed_total, now)?;
+        self.payments.top_up_keys.insert(key.0, top_up.id);
+        Ok(PaymentReceipt::TopUp {
+            top_up: Box::new(top_up),
+            created: true,
+            settled: false,
+            operation: None,
+            rule_disabled: false,
+        })
+    }
+
     fn new_top_up(
         &mut self,
         wallet: WalletId,
         amount: Money,
         method: PaymentMethodId,
         auto: bool,
+        reviewed_total: Option<Amount>,
         now: Timestamp,
     ) -> Result<TopUp, Rejection> {
         let units = positive(amount.amount)?;
@@ -775,6 +826,9 @@ impl State {
         let mut total = units;
         for line in &taxes {
             total = add(total, line.amount)?;
+        }
+        if reviewed_total.is_some_and(|reviewed| reviewed.units() != total) {
+            return Err(Rejection::TotalChanged);
         }
         // The credit must fit later: the wallet, tax payable and funding stay in range.
         add(add(w.main, w.granted)?, units)?;
@@ -833,7 +887,7 @@ impl State {
         if day_count >= rule.spec.max_per_day || day_amount + amount.units() > rule.spec.max_amount_per_day.units() {
             return skipped(Rejection::AutoTopUpLimitReached);
         }
-        let top_up = match self.new_top_up(wallet, Money::new(amount, currency), rule.spec.method, true, now) {
+        let top_up = match self.new_top_up(wallet, Money::new(amount, currency), rule.spec.method, true, None, now) {
             Ok(top_up) => top_up,
             Err(reason) => return skipped(reason),
         };

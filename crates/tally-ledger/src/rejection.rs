@@ -154,6 +154,8 @@ pub enum Rejection {
     OrganizationNotVerified,
     #[error("no such payout")]
     PayoutNotFound,
+    #[error("the total with taxes differs from the one reviewed (the taxes changed): quote again")]
+    TotalChanged,
 }
 
 impl Rejection {
@@ -235,6 +237,7 @@ impl Rejection {
             BankAccountNotVerified => "bank_account_not_verified",
             OrganizationNotVerified => "organization_not_verified",
             PayoutNotFound => "payout_not_found",
+            TotalChanged => "total_changed",
         }
     }
 
@@ -319,6 +322,7 @@ impl Rejection {
         Rejection::BankAccountNotVerified,
         Rejection::OrganizationNotVerified,
         Rejection::PayoutNotFound,
+        Rejection::TotalChanged,
     ];
 }
 

@@ -102,7 +102,8 @@ pub fn status_of(code: &str) -> StatusCode {
         | "wallet_already_exists"
         | "meter_code_taken"
         | "subscription_exists"
-        | "duplicate_event" => StatusCode::CONFLICT,
+        | "duplicate_event"
+        | "total_changed" => StatusCode::CONFLICT,
         "payload_too_large" => StatusCode::PAYLOAD_TOO_LARGE,
         "unsupported_media_type" => StatusCode::UNSUPPORTED_MEDIA_TYPE,
         "insufficient_funds"

@@ -147,6 +147,57 @@ async fn taxed_top_up_credits_the_amount_once_and_has_a_receipt() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_top_up_charges_only_the_total_reviewed_and_a_method_is_saved_once() {
+    let server = Server::start().await;
+    sales_tax(&server).await;
+    let (org, wallet, key) = organization(&server, "Acme", false).await;
+    let method = add_method(&server, &org, &key, "pm_card_visa").await;
+    // Saving the same token again (a retry) gives the same method, not a second one.
+    let (status, again) = server
+        .post(&format!("/v1/organizations/{org}/payment-methods"), &key, None, json!({"token": "pm_card_visa"}))
+        .await;
+    assert_eq!((status, again["id"].as_str()), (StatusCode::OK, Some(method.as_str())), "{again}");
+    let (_, methods) = server.get(&format!("/v1/organizations/{org}/payment-methods"), &key).await;
+    assert_eq!(methods["data"].as_array().unwrap().len(), 1, "{methods}");
+
+    let (_, quote) = server.get(&format!("/v1/wallets/{wallet}/top-up-quote?amount=20.00"), &key).await;
+    assert_eq!(quote["total"], "21.75");
+    // The platform raises the tax between the quote and the payer's confirmation.
+    let profile = json!({"country": "US", "subdivision": "CA", "taxes": [{"name": "Sales tax", "rate": "0.10"}]});
+    let (status, body) = server.call("PUT", "/v1/tax-profiles", &server.admin, None, Some(profile)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let reviewed = |idempotency: &'static str, total: &'static str| {
+        let (server, wallet, key, method) = (&server, &wallet, &key, &method);
+        async move {
+            server
+                .post(
+                    &format!("/v1/wallets/{wallet}/top-ups"),
+                    key,
+                    Some(idempotency),
+                    json!({"amount": "20.00", "payment_method": method, "total": total}),
+                )
+                .await
+        }
+    };
+    let (status, body) = reviewed("r1", "21.75").await;
+    assert_eq!((status, body["code"].as_str()), (StatusCode::CONFLICT, Some("total_changed")), "{body}");
+    assert!(server.sandbox.records().is_empty(), "nothing may be charged at a total nobody reviewed");
+    assert_eq!(server.wallet(&wallet).await["balance"], "0.00");
+    let (status, body) = reviewed("r2", "22.00").await;
+    assert_eq!(
+        (status, body["status"].as_str(), body["total"].as_str()),
+        (StatusCode::CREATED, Some("succeeded"), Some("22.00")),
+        "{body}"
+    );
+    assert_eq!(server.sandbox.records()[0].captured_minor, 2200);
+    assert_eq!(server.wallet(&wallet).await["balance"], "20.00");
+    // The same key with another reviewed total is another request.
+    let (status, body) = reviewed("r2", "23.00").await;
+    assert_eq!((status, body["code"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("idempotency_key_mismatch")));
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_sandbox_outcome_and_every_refusal() {
     let server = Server::start().await;
     let (org, wallet, key) = organization(&server, "Acme", false).await;

@@ -90,6 +90,13 @@ pub(crate) fn write(dir: &Path, seq: u64, mark: JournalMark, encoded: &[u8]) -> 
     for old in list(dir)?.into_iter().skip(1 + SNAPSHOT_FILES_KEPT) {
         std::fs::remove_file(dir.join(file_name(old)))?;
     }
+    // Files of writes cut short (the process was killed mid-write).
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        if path.extension().is_some_and(|extension| extension == "tmp") {
+            std::fs::remove_file(path)?;
+        }
+    }
     Ok(())
 }
 
@@ -161,7 +168,14 @@ mod tests {
             write(&dir, seq, MARK, &vec![seq as u8; 3_000_000]).unwrap();
         }
         assert_eq!(list(&dir).unwrap(), vec![5, 4, 3]);
+        // A write cut short leaves a temporary file, which is neither read nor kept.
+        std::fs::write(dir.join(format!("{:020}.tmp", 9)), b"half").unwrap();
+        assert_eq!(list(&dir).unwrap(), vec![5, 4, 3]);
+        write(&dir, 6, MARK, b"six").unwrap();
+        assert_eq!(list(&dir).unwrap(), vec![6, 5, 4]);
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 3);
         let bytes = read(&dir, 5, |_| Ok(Some(MARK))).unwrap();
+        assert_eq!(read(&dir, 6, |_| Ok(Some(MARK))).unwrap(), b"six");
         assert_eq!(bytes, vec![5u8; 3_000_000]);
     }
 

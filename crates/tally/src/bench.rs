@@ -94,6 +94,10 @@ struct Report {
     /// Open loop: the 99th percentile of how late the load generator submitted.
     #[serde(skip_serializing_if = "Option::is_none")]
     generator_late_p99_ms: Option<f64>,
+    /// Open loop: the p99 latency of the operations due in each 5 s window, so a stall
+    /// shows where it happened.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    latency_p99_ms_by_window: Option<Vec<f64>>,
     /// The same after funding: every consumer's funding key, every fourth one's grant.
     #[serde(skip_serializing_if = "Option::is_none")]
     state_bytes_per_wallet_funded: Option<f64>,
@@ -130,6 +134,10 @@ impl Report {
         }
         if let Some(late) = self.generator_late_p99_ms {
             println!("  load generator: p99 {late:.3}ms late submitting (counted in the latencies above)");
+        }
+        if let Some(windows) = &self.latency_p99_ms_by_window {
+            let windows: Vec<String> = windows.iter().map(|p99| format!("{p99:.1}")).collect();
+            println!("  p99 (ms) by {}s window: {}", WINDOW.as_secs(), windows.join(" "));
         }
         if let Some(seconds) = self.restart_s {
             println!(
@@ -522,6 +530,7 @@ fn run_state_machine(args: &BenchArgs, world: &World, workloads: &[Workload]) ->
             state_bytes_per_wallet: Some(per_wallet),
             state_bytes_per_wallet_funded: Some(per_wallet_funded),
             generator_late_p99_ms: None,
+            latency_p99_ms_by_window: None,
             restart_s: None,
             restart_replayed_commands: None,
         }
@@ -542,12 +551,17 @@ fn workload_name(workload: Workload) -> String {
     .to_string()
 }
 
+/// The span of each latency window in open-loop runs.
+const WINDOW: Duration = Duration::from_secs(5);
+
 /// Shared counters of one workload run.
 struct Tally {
     done: AtomicU64,
     errors: AtomicU64,
     in_flight: AtomicU64,
     latencies: Mutex<Histogram<u64>>,
+    /// When the run began, and the latencies of the operations due in each window.
+    windows: Mutex<(Instant, Vec<Histogram<u64>>)>,
 }
 
 impl Tally {
@@ -557,6 +571,15 @@ impl Tally {
             self.errors.fetch_add(1, Ordering::Relaxed);
         }
         self.latencies.lock().expect("histogram lock").saturating_record(micros.max(1));
+        {
+            let mut windows = self.windows.lock().expect("window lock");
+            let index = (started.saturating_duration_since(windows.0).as_secs() / WINDOW.as_secs()) as usize;
+            let windows = &mut windows.1;
+            while windows.len() <= index {
+                windows.push(Histogram::new_with_bounds(1, 60_000_000, 2).expect("histogram bounds"));
+            }
+            windows[index].saturating_record(micros.max(1));
+        }
         self.in_flight.fetch_sub(1, Ordering::Release);
         self.done.fetch_add(1, Ordering::Release);
     }
@@ -660,6 +683,7 @@ fn run_engine(args: &BenchArgs, world: &World, workloads: &[Workload]) -> anyhow
             state_bytes_per_wallet: None,
             state_bytes_per_wallet_funded: None,
             generator_late_p99_ms: None,
+            latency_p99_ms_by_window: None,
             restart_s: Some(seconds),
             restart_replayed_commands: Some(loaded.replayed_commands),
         }
@@ -674,6 +698,7 @@ fn new_tally() -> Arc<Tally> {
         errors: AtomicU64::new(0),
         in_flight: AtomicU64::new(0),
         latencies: Mutex::new(Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds")),
+        windows: Mutex::new((Instant::now(), Vec::new())),
     })
 }
 
@@ -765,6 +790,7 @@ fn drive(args: &BenchArgs, world: &World, handle: &Handle, workload: Workload, w
         }
     }
     let begin = Instant::now();
+    tally.windows.lock().expect("window lock").0 = begin;
     for index in 0..args.operations {
         let started = if let Some(interval) = 1_000_000_000u64.checked_div(args.rate) {
             // Open loop: each operation has its due time, and latency counts from it, so
@@ -806,6 +832,10 @@ fn drive(args: &BenchArgs, world: &World, handle: &Handle, workload: Workload, w
     let requests = handle.stats().requests.load(Ordering::Relaxed) - requests_before;
     let latencies = tally.latencies.lock().expect("histogram lock");
     let quantile = |q: f64| latencies.value_at_quantile(q) as f64 / 1000.0;
+    let by_window = (args.rate > 0).then(|| {
+        let windows = tally.windows.lock().expect("window lock");
+        windows.1.iter().map(|window| window.value_at_quantile(0.99) as f64 / 1000.0).collect()
+    });
     Ok(Report {
         workload: workload_name(workload),
         storage: if args.postgres_url.is_some() { "pg".into() } else { "on".into() },
@@ -816,6 +846,7 @@ fn drive(args: &BenchArgs, world: &World, handle: &Handle, workload: Workload, w
         latency_p99_ms: quantile(0.99),
         latency_p999_ms: quantile(0.999),
         generator_late_p99_ms: (args.rate > 0).then(|| lateness.value_at_quantile(0.99) as f64 / 1000.0),
+        latency_p99_ms_by_window: by_window,
         batch_mean: requests as f64 / batches.max(1) as f64,
         batch_size_max: args.batch_size_max,
         offered_rate: args.rate,

@@ -677,3 +677,34 @@ fn a_period_that_ends_while_a_renewal_card_is_pending_never_takes_a_fee_twice() 
     assert_eq!((subscription.outstanding, subscription.status), (0, SubscriptionStatus::Active));
     assert!(state.check_invariants().is_empty(), "{:?}", state.check_invariants());
 }
+
+#[test]
+fn a_token_is_saved_once_and_a_reviewed_total_must_still_hold() {
+    let mut state = payments_ledger();
+    let methods = state.payments.methods.len();
+    let again =
+        PaymentCommand::AddMethod { organization: CONSUMER, token: "tok".into(), details: card(), make_default: false };
+    match pay(&mut state, again).unwrap() {
+        PaymentReceipt::MethodSavedBefore(method) => assert_eq!(method.id, PaymentMethodId(1)),
+        other => panic!("unexpected {other:?}"),
+    }
+    assert_eq!(state.payments.methods.len(), methods, "no second method for the same token");
+
+    // US-CA in `payments_ledger` has no tax profile yet: the total is the amount.
+    let reviewed = |name: &str, total: &str| PaymentCommand::CreateReviewedTopUp {
+        key: key(name),
+        actor: None,
+        wallet: WalletId(1),
+        amount: money("20.00"),
+        method: PaymentMethodId(1),
+        total: a(total),
+    };
+    let before = state.clone();
+    assert_eq!(pay(&mut state, reviewed("r", "21.00")).unwrap_err(), Rejection::TotalChanged);
+    assert_eq!(state, before, "a refused top-up changes nothing");
+    let PaymentReceipt::TopUp { top_up, created: true, .. } = pay(&mut state, reviewed("r", "20.00")).unwrap() else {
+        panic!("the reviewed total holds: the top-up is created")
+    };
+    assert_eq!(top_up.total, a("20.00").units());
+    assert_eq!(pay(&mut state, reviewed("r", "21.00")).unwrap_err(), Rejection::IdempotencyKeyMismatch);
+}

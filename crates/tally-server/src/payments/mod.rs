@@ -295,7 +295,7 @@ async fn owned_organization(app: &AppState, caller: &Caller, id: &str) -> Result
     Ok(organization)
 }
 
-#[utoipa::path(post, path = "/v1/organizations/{id}/payment-methods", tag = "payments", summary = "Save a payment method by its provider token (card numbers are refused)", request_body = AddMethod, params(("id" = String, Path, description = "organization id")), responses((status = 201, description = "success, as JSON"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
+#[utoipa::path(post, path = "/v1/organizations/{id}/payment-methods", tag = "payments", summary = "Save a payment method by its provider token (card numbers are refused; a token saved before gives that method)", request_body = AddMethod, params(("id" = String, Path, description = "organization id")), responses((status = 201, description = "saved, as JSON"), (status = 200, description = "this token was saved before: that method, as JSON"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn add_method(AxumState(app): App, headers: HeaderMap, Path(id): Path<String>, body: Bytes) -> ApiResult {
     let caller = caller(&app, &headers)?;
     caller.require_write()?;
@@ -312,12 +312,15 @@ async fn add_method(AxumState(app): App, headers: HeaderMap, Path(id): Path<Stri
     text("token", &body.token, false)?;
     let details = payments.provider.describe_method(&body.token).await.map_err(provider_error)?;
     let command = PaymentCommand::AddMethod { organization, token: body.token, details, make_default: body.default };
-    let Receipt::Payment(PaymentReceipt::Method(method)) = app.execute(Command::payment(command)).await? else {
-        return Err(ApiError::new("internal", "unexpected receipt"));
+    let (method, saved) = match app.execute(Command::payment(command)).await? {
+        Receipt::Payment(PaymentReceipt::Method(method)) => (method, false),
+        Receipt::Payment(PaymentReceipt::MethodSavedBefore(method)) => (method, true),
+        _ => return Err(ApiError::new("internal", "unexpected receipt")),
     };
     let id = method.id;
     let default = app.read(move |state| state.payments.default_method.values().any(|m| *m == id)).await?;
-    Ok(created(method_view(&method, default)))
+    // 200 for a token saved before (the ledger gave back that method), 201 for a new one.
+    Ok(if saved { ok(method_view(&method, default)) } else { created(method_view(&method, default)) })
 }
 
 #[utoipa::path(get, path = "/v1/organizations/{id}/payment-methods", tag = "payments", summary = "An organization's saved payment methods", params(("id" = String, Path, description = "organization id")), responses((status = 200, description = "success, as JSON"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
@@ -623,6 +626,11 @@ struct CreateTopUp {
     /// A saved payment method; absent: the organization's default.
     #[serde(default)]
     payment_method: Option<String>,
+    /// The total with taxes the payer reviewed (for example the quote's `total`): the
+    /// top-up is refused with 409 `total_changed` if the taxes now give another total,
+    /// so the card is charged exactly what was shown.
+    #[serde(default)]
+    total: Option<String>,
 }
 
 pub(crate) fn idempotency_key(caller: &Caller, headers: &HeaderMap) -> Result<IdempotencyKey, ApiError> {
@@ -639,7 +647,7 @@ async fn default_method_of(app: &AppState, organization: OrganizationId) -> Resu
     })
 }
 
-#[utoipa::path(post, path = "/v1/wallets/{id}/top-ups", tag = "payments", summary = "Top up a wallet through the payment provider (taxes added; credited once the provider confirms)", request_body = CreateTopUp, params(("id" = String, Path, description = "wallet id"), ("Idempotency-Key" = String, Header, description = "required")), responses((status = 201, description = "the top-up: succeeded, failed, or pending until the provider confirms"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
+#[utoipa::path(post, path = "/v1/wallets/{id}/top-ups", tag = "payments", summary = "Top up a wallet through the payment provider (taxes added; credited once the provider confirms)", request_body = CreateTopUp, params(("id" = String, Path, description = "wallet id"), ("Idempotency-Key" = String, Header, description = "required")), responses((status = 201, description = "the top-up: succeeded, failed, or pending until the provider confirms"), (status = 409, description = "`total_changed`: the taxes now give another total than the `total` reviewed; nothing was charged", body = crate::error::Problem, content_type = "application/problem+json"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn create_top_up(
     AxumState(app): App,
     headers: HeaderMap,
@@ -657,7 +665,13 @@ async fn create_top_up(
         None => default_method_of(&app, organization).await?,
     };
     let actor = (!caller.is_admin()).then_some(organization);
-    let command = PaymentCommand::CreateTopUp { key, actor, wallet, amount, method };
+    let command = match &body.total {
+        Some(total) => {
+            let total = positive_money("total", total, currency.code())?.amount;
+            PaymentCommand::CreateReviewedTopUp { key, actor, wallet, amount, method, total }
+        }
+        None => PaymentCommand::CreateTopUp { key, actor, wallet, amount, method },
+    };
     let Receipt::Payment(PaymentReceipt::TopUp { top_up, created, .. }) =
         app.execute(Command::payment(command)).await?
     else {
