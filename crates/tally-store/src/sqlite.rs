@@ -287,21 +287,39 @@ fn scan_journal(
     from_seq: u64,
     mut visit: impl FnMut(u64, Timestamp, Vec<Command>, &[u8]) -> Result<(), StoreError>,
 ) -> Result<(), StoreError> {
-    let mut statement =
-        connection.prepare("SELECT seq, at, format, commands, receipts FROM journal WHERE seq >= ?1 ORDER BY seq")?;
-    let mut rows = statement.query(params![from_seq as i64])?;
-    while let Some(row) = rows.next()? {
-        let seq = row.get::<_, i64>(0)? as u64;
-        let at: i64 = row.get(1)?;
-        let format: i64 = row.get(2)?;
-        if format as u32 > FORMAT_VERSION {
-            return Err(StoreError::NewerFormat { found: format as u32, supported: FORMAT_VERSION });
+    let last: Option<i64> = connection.query_row("SELECT MAX(seq) FROM journal", [], |row| row.get(0))?;
+    let Some(last) = last else { return Ok(()) };
+    let mut statement = connection.prepare(
+        "SELECT seq, at, format, commands, receipts FROM journal WHERE seq >= ?1 AND seq <= ?2 ORDER BY seq LIMIT ?3",
+    )?;
+    let mut next = from_seq as i64;
+    while next <= last {
+        let mut rows = statement.query(params![next, last, SCAN_PAGE_RECORDS])?;
+        let mut read = 0;
+        while let Some(row) = rows.next()? {
+            let seq = row.get::<_, i64>(0)? as u64;
+            let at: i64 = row.get(1)?;
+            let format: i64 = row.get(2)?;
+            if format as u32 > FORMAT_VERSION {
+                return Err(StoreError::NewerFormat { found: format as u32, supported: FORMAT_VERSION });
+            }
+            let commands = codec::decode_commands(row.get_ref(3)?.as_blob()?, seq)?;
+            visit(seq, at, commands, row.get_ref(4)?.as_blob()?)?;
+            next = seq as i64 + 1;
+            read += 1;
         }
-        let commands = codec::decode_commands(row.get_ref(3)?.as_blob()?, seq)?;
-        visit(seq, at, commands, row.get_ref(4)?.as_blob()?)?;
+        if read == 0 {
+            break;
+        }
     }
     Ok(())
 }
+
+/// Journal records a scan reads per statement. Each statement is a read transaction of
+/// its own: one over the whole journal (seconds, when the snapshot thread rebuilds the
+/// state under load) would keep the checkpointer from copying the WAL back and the WAL
+/// from starting over, so it would grow by every commit made meanwhile.
+const SCAN_PAGE_RECORDS: i64 = 4096;
 
 /// The newest usable snapshot, if any: the newest snapshot file that follows a
 /// record of this journal, or a snapshot row (where earlier versions wrote them)
