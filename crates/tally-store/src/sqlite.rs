@@ -386,3 +386,33 @@ impl Snapshots for SnapshotFiles {
 pub fn encode_snapshot(state: &State) -> Vec<u8> {
     codec::encode_state(state)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tally_ledger::{Roles, Settings};
+
+    #[test]
+    fn a_load_replays_a_journal_longer_than_one_scan_page() {
+        let directory = tempfile::tempdir().unwrap();
+        let mut store = SqliteStore::open(directory.path().join("t.db")).unwrap();
+        let mut state = State::new(Settings::default());
+        let records = SCAN_PAGE_RECORDS as u64 * 2 + 7;
+        for seq in 1..=records {
+            let command = Command::CreateOrganization { name: format!("org {seq}"), roles: Roles::default() };
+            let receipt = state.apply(&command, 1_000).unwrap();
+            store.commit(&[JournalBatch { seq, at: 1_000, entries: vec![(&command, &receipt)] }]).unwrap();
+        }
+        let loaded = store.load().unwrap();
+        assert_eq!((loaded.seq, loaded.replayed_batches), (records, records));
+        assert_eq!(loaded.state, state);
+        let mut seen = Vec::new();
+        store
+            .scan_journal(records - 2, |seq, _, _, _| {
+                seen.push(seq);
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(seen, vec![records - 2, records - 1, records]);
+    }
+}
