@@ -4,7 +4,8 @@
 # usage events (64 connections), access checks (64 connections).
 # Needs wrk (Debian package `wrk`). Env: DURATION (default 20s), CONSUMERS (default 200),
 # WEBHOOK_URL (if set, a platform webhook endpoint for every event type points there),
-# ONLY (batch, single or access: run one of the three).
+# ONLY (batch, single or access: run one of the three; access-open: access checks
+# offered at RATE per second, default 30000, by `tally load`, open loop).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 DURATION="${DURATION:-20s}"
@@ -59,4 +60,11 @@ fi
 if [ -z "${ONLY:-}" ] || [ "$ONLY" = access ]; then
 echo "== access checks: wrk -t2 -c${CONNECTIONS:-64} -d$DURATION --latency -s bench/http/access-check.lua"
 wrk -t2 -c"${CONNECTIONS:-64}" -d"$DURATION" --latency -s bench/http/access-check.lua "http://127.0.0.1:$PORT" | grep -E "Latency|50%|99%|Requests/sec|requests in|Non-2xx|unexpected" | head -12
+fi
+if [ "${ONLY:-}" = access-open ]; then
+rate=${RATE:-30000}
+body='{"consumer":"org_{rand:2:'$((TALLY_CONSUMERS + 1))'}","meter":"tokens","quantity":"{rand:1:5000}"}'
+echo "== access checks, open loop: tally load --rate $rate --connections ${CONNECTIONS:-64} --duration-s ${DURATION%s} (2 s warm-up not measured)"
+"$tally" load --url "http://127.0.0.1:$PORT/v1/access-checks" --rate "$rate" --connections "${CONNECTIONS:-64}" \
+  --duration-s "${DURATION%s}" --header "Authorization: Bearer $TALLY_MERCHANT_KEY" --body "$body" --expect '"allowed":true'
 fi

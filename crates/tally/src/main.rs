@@ -4,6 +4,7 @@ mod bench;
 mod client;
 mod cluster;
 mod crash_worker;
+mod load;
 mod memory;
 
 #[global_allocator]
@@ -29,6 +30,9 @@ enum Commands {
     Serve(ServeArgs),
     /// Benchmark the engine on a fresh temporary database.
     Bench(bench::BenchArgs),
+    /// Offer HTTP requests at a fixed rate (open loop) and report latency from each
+    /// request's due time.
+    Load(load::LoadArgs),
     /// Check a database offline: invariants, every operation's legs, every wallet's history.
     Check {
         /// The SQLite database file.
@@ -248,6 +252,7 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Commands::Serve(args) => serve(args),
         Commands::Bench(args) => bench::run(args),
+        Commands::Load(args) => load::run(args),
         Commands::Check { database } => check(database),
         Commands::Webhooks(WebhooksCommand::Listen { listen, secret, quiet }) => {
             webhook_listener(listen, secret, quiet)
