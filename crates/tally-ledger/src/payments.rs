@@ -365,6 +365,14 @@ pub enum PaymentCommand {
         amount: Option<Amount>,
         reason: String,
     },
+    /// `AddMethod`, except that a token the organization saved before gives that method
+    /// (`PaymentReceipt::MethodSavedBefore`) rather than a second one: what the API sends.
+    AddMethodOnce {
+        organization: OrganizationId,
+        token: String,
+        details: MethodDetails,
+        make_default: bool,
+    },
     /// `CreateTopUp` with the total (amount plus taxes) the payer reviewed: refused with
     /// `total_changed` when the taxes now give another total, so a card is never
     /// charged more (or less) than was shown. (A variant of its own, last, so journals
@@ -491,7 +499,9 @@ pub fn compute_taxes(
 impl State {
     pub(crate) fn apply_payment(&mut self, command: &PaymentCommand, now: Timestamp) -> Result<Receipt, Rejection> {
         let receipt = match command {
-            PaymentCommand::AddMethod { organization, token, details, make_default } => {
+            PaymentCommand::AddMethod { organization, token, details, make_default }
+            | PaymentCommand::AddMethodOnce { organization, token, details, make_default } => {
+                let once = matches!(command, PaymentCommand::AddMethodOnce { .. });
                 self.organization(*organization).ok_or(Rejection::OrganizationNotFound)?;
                 text_ok(token, false)?;
                 text_ok(&details.brand, false)?;
@@ -504,16 +514,18 @@ impl State {
                 if !self.payments.allows(*organization, details.kind) {
                     return Err(Rejection::PaymentMethodTypeNotAllowed);
                 }
-                // A token is saved once per organization: adding it again (a retry) gives
-                // the method saved the first time.
+                // `AddMethodOnce`: a token is saved once per organization, and adding it
+                // again (a retry) gives the method saved the first time. (`AddMethod`
+                // keeps its first behaviour, a new method each time, so journals written
+                // before replay as they ran.)
                 let saved = self
                     .payments
                     .methods
                     .iter()
-                    .find(|m| m.organization == *organization && !m.removed && *m.token == **token)
+                    .find(|m| once && m.organization == *organization && !m.removed && *m.token == **token)
                     .cloned();
                 if let Some(method) = saved {
-                    if *make_default {
+                    if *make_default || !self.payments.default_method.contains_key(organization) {
                         self.payments.default_method.insert(*organization, method.id);
                     }
                     return Ok(Receipt::Payment(PaymentReceipt::MethodSavedBefore(Box::new(method))));

@@ -179,6 +179,8 @@ async fn a_top_up_charges_only_the_total_reviewed_and_a_method_is_saved_once() {
                 .await
         }
     };
+    let (status, body) = reviewed("r0", "21.755").await;
+    assert_eq!((status, body["code"].as_str()), (StatusCode::BAD_REQUEST, Some("amount_not_in_minor_units")), "{body}");
     let (status, body) = reviewed("r1", "21.75").await;
     assert_eq!((status, body["code"].as_str()), (StatusCode::CONFLICT, Some("total_changed")), "{body}");
     assert!(server.sandbox.records().is_empty(), "nothing may be charged at a total nobody reviewed");

@@ -5,8 +5,12 @@ use crate::StoreError;
 use bincode::Options;
 use tally_ledger::{Command, Receipt, State};
 
-/// The version of the record layout this build writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// The version of the record layout this build writes (it reads every version up to
+/// it). 2: payments gained `CreateReviewedTopUp`, `AddMethodOnce` and the
+/// `MethodSavedBefore` receipt (appended variants, so version 1 records decode as they
+/// were); an older build refuses version 2 records as newer rather than failing to
+/// decode them, so upgrade every node before a rollback would read them.
+pub const FORMAT_VERSION: u32 = 2;
 /// Largest record decoded, so a corrupt length cannot make decoding allocate without bound.
 const RECORD_BYTES_MAX: u64 = 4 << 30;
 

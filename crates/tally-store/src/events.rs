@@ -461,7 +461,12 @@ pub fn checkout_json(checkout: &Checkout) -> Value {
 
 fn payment_events(command: &PaymentCommand, receipt: &PaymentReceipt, out: &mut Vec<NewEvent>) {
     match (command, receipt) {
-        (PaymentCommand::AddMethod { .. } | PaymentCommand::RemoveMethod { .. }, PaymentReceipt::Method(method)) => {
+        (
+            PaymentCommand::AddMethod { .. }
+            | PaymentCommand::AddMethodOnce { .. }
+            | PaymentCommand::RemoveMethod { .. },
+            PaymentReceipt::Method(method),
+        ) => {
             let kind = if method.removed { "payment_method.removed" } else { "payment_method.created" };
             out.push(NewEvent {
                 kind,

@@ -87,7 +87,10 @@ pub(crate) fn write(dir: &Path, seq: u64, mark: JournalMark, encoded: &[u8]) -> 
     std::fs::rename(&temporary, dir.join(file_name(seq)))?;
     // The rename is durable once the directory is synced.
     File::open(dir)?.sync_all()?;
-    for old in list(dir)?.into_iter().skip(1 + SNAPSHOT_FILES_KEPT) {
+    // Only older ones: files with higher sequences can only be foreign (a journal
+    // restored from an older backup); removing them would not help, and keeping the
+    // newest three regardless would remove the snapshot just written.
+    for old in list(dir)?.into_iter().filter(|old| *old < seq).skip(SNAPSHOT_FILES_KEPT) {
         std::fs::remove_file(dir.join(file_name(old)))?;
     }
     // Files of writes cut short (the process was killed mid-write).
@@ -177,6 +180,17 @@ mod tests {
         let bytes = read(&dir, 5, |_| Ok(Some(MARK))).unwrap();
         assert_eq!(read(&dir, 6, |_| Ok(Some(MARK))).unwrap(), b"six");
         assert_eq!(bytes, vec![5u8; 3_000_000]);
+    }
+
+    #[test]
+    fn files_left_from_a_longer_journal_never_push_out_the_snapshot_just_written() {
+        let directory = tempfile::tempdir().unwrap();
+        let dir = snapshot_dir(&directory.path().join("t.db"));
+        for seq in [10, 11, 12, 1, 2, 3] {
+            write(&dir, seq, MARK, b"state").unwrap();
+        }
+        write(&dir, 4, MARK, b"state").unwrap();
+        assert_eq!(list(&dir).unwrap(), vec![12, 11, 10, 4, 3, 2]);
     }
 
     #[test]

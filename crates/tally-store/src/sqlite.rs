@@ -334,7 +334,11 @@ fn latest_snapshot(connection: &Connection, path: &Path) -> Result<Option<(u64, 
             break;
         }
         match snapshots::read(&dir, seq, |seq| journal_mark(connection, seq)) {
-            Ok(bytes) => return Ok(Some((seq, codec::decode_state(&bytes, seq)?))),
+            Ok(bytes) => match codec::decode_state(&bytes, seq) {
+                Ok(state) => return Ok(Some((seq, state))),
+                // Whole but undecodable: damaged; an older snapshot will do.
+                Err(error) => tracing::warn!(seq, dir = %dir.display(), %error, "snapshot file passed over"),
+            },
             Err(snapshots::Unusable::Error(error @ StoreError::NewerFormat { .. })) => return Err(error),
             Err(unusable) => {
                 tracing::warn!(seq, dir = %dir.display(), %unusable, "snapshot file passed over");
@@ -406,6 +410,12 @@ mod tests {
         let loaded = store.load().unwrap();
         assert_eq!((loaded.seq, loaded.replayed_batches), (records, records));
         assert_eq!(loaded.state, state);
+        // A whole snapshot file of this journal whose state does not decode (damaged) is
+        // passed over: the load replays from nothing instead of refusing to start.
+        let mark = journal_mark(&store.connection, records).unwrap().unwrap();
+        snapshots::write(&snapshot_dir(store.path()), records, mark, b"not a state").unwrap();
+        let again = store.load().unwrap();
+        assert_eq!((again.replayed_batches, again.state == state), (records, true));
         let mut seen = Vec::new();
         store
             .scan_journal(records - 2, |seq, _, _, _| {

@@ -682,13 +682,23 @@ fn a_period_that_ends_while_a_renewal_card_is_pending_never_takes_a_fee_twice() 
 fn a_token_is_saved_once_and_a_reviewed_total_must_still_hold() {
     let mut state = payments_ledger();
     let methods = state.payments.methods.len();
-    let again =
-        PaymentCommand::AddMethod { organization: CONSUMER, token: "tok".into(), details: card(), make_default: false };
-    match pay(&mut state, again).unwrap() {
+    let once = PaymentCommand::AddMethodOnce {
+        organization: CONSUMER,
+        token: "tok".into(),
+        details: card(),
+        make_default: false,
+    };
+    match pay(&mut state, once).unwrap() {
         PaymentReceipt::MethodSavedBefore(method) => assert_eq!(method.id, PaymentMethodId(1)),
         other => panic!("unexpected {other:?}"),
     }
     assert_eq!(state.payments.methods.len(), methods, "no second method for the same token");
+    // The original command still adds a method each time, as journals written before
+    // `AddMethodOnce` existed recorded it, so they replay exactly.
+    let add =
+        PaymentCommand::AddMethod { organization: CONSUMER, token: "tok".into(), details: card(), make_default: false };
+    let PaymentReceipt::Method(method) = pay(&mut state, add).unwrap() else { panic!("AddMethod adds") };
+    assert_eq!(method.id, PaymentMethodId(methods as u64 + 1));
 
     // US-CA in `payments_ledger` has no tax profile yet: the total is the amount.
     let reviewed = |name: &str, total: &str| PaymentCommand::CreateReviewedTopUp {

@@ -311,7 +311,8 @@ async fn add_method(AxumState(app): App, headers: HeaderMap, Path(id): Path<Stri
     let payments = payments(&app)?;
     text("token", &body.token, false)?;
     let details = payments.provider.describe_method(&body.token).await.map_err(provider_error)?;
-    let command = PaymentCommand::AddMethod { organization, token: body.token, details, make_default: body.default };
+    let command =
+        PaymentCommand::AddMethodOnce { organization, token: body.token, details, make_default: body.default };
     let (method, saved) = match app.execute(Command::payment(command)).await? {
         Receipt::Payment(PaymentReceipt::Method(method)) => (method, false),
         Receipt::Payment(PaymentReceipt::MethodSavedBefore(method)) => (method, true),
@@ -667,7 +668,15 @@ async fn create_top_up(
     let actor = (!caller.is_admin()).then_some(organization);
     let command = match &body.total {
         Some(total) => {
-            let total = positive_money("total", total, currency.code())?.amount;
+            let total = positive_money("total", total, currency.code())?;
+            if !total.amount.is_whole_minor_units(currency) {
+                return Err(ApiError::field(
+                    "amount_not_in_minor_units",
+                    "total",
+                    "a total is charged to a card: whole minor units of the currency",
+                ));
+            }
+            let total = total.amount;
             PaymentCommand::CreateReviewedTopUp { key, actor, wallet, amount, method, total }
         }
         None => PaymentCommand::CreateTopUp { key, actor, wallet, amount, method },
