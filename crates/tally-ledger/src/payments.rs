@@ -428,6 +428,19 @@ pub enum PaymentReceipt {
     MethodSavedBefore(Box<PaymentMethod>),
 }
 
+impl PaymentReceipt {
+    /// A top-up as it stands, when a command (a repeat, a late answer) changes nothing.
+    fn unchanged_top_up(top_up: &TopUp) -> PaymentReceipt {
+        PaymentReceipt::TopUp {
+            top_up: Box::new(top_up.clone()),
+            created: false,
+            settled: false,
+            operation: None,
+            rule_disabled: false,
+        }
+    }
+}
+
 fn index(id: u64) -> usize {
     (id as usize).wrapping_sub(1)
 }
@@ -779,13 +792,7 @@ impl State {
             {
                 return Err(Rejection::IdempotencyKeyMismatch);
             }
-            return Ok(PaymentReceipt::TopUp {
-                top_up: Box::new(top_up.clone()),
-                created: false,
-                settled: false,
-                operation: None,
-                rule_disabled: false,
-            });
+            return Ok(PaymentReceipt::unchanged_top_up(top_up));
         }
         let w = self.wallet(wallet).ok_or(Rejection::WalletNotFound)?;
         if actor.is_some_and(|a| a != w.organization) {
@@ -945,13 +952,7 @@ impl State {
         let top_up = self.payments.top_up(id).ok_or(Rejection::TopUpNotFound)?;
         if top_up.status != PaymentStatus::Pending {
             // A late or repeated answer: the first one stands.
-            return Ok(PaymentReceipt::TopUp {
-                top_up: Box::new(top_up.clone()),
-                created: false,
-                settled: false,
-                operation: None,
-                rule_disabled: false,
-            });
+            return Ok(PaymentReceipt::unchanged_top_up(top_up));
         }
         let (wallet, currency, amount, total, auto) =
             (top_up.wallet, top_up.currency, top_up.amount, top_up.total, top_up.auto);
