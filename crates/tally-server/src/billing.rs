@@ -7,6 +7,7 @@ use crate::views::amount as format_amount;
 use std::collections::BTreeMap;
 use tally_ledger::billing::*;
 use tally_store::UsageRecord;
+use utoipa::ToSchema;
 use utoipa_axum::routes;
 
 /// Largest usage batch body: 10,000 events of a few hundred bytes each.
@@ -259,6 +260,439 @@ fn record_view(event_id: &str, record: &UsageRecord, currency: Currency) -> Valu
     })
 }
 
+// ---- response shapes (OpenAPI only) ----
+//
+// The fields the views above send. Amounts are decimal strings in the major unit, ids
+// prefixed strings, times RFC 3339.
+
+/// A product in a merchant's catalog.
+#[allow(dead_code)]
+#[derive(ToSchema)]
+#[schema(as = Product)]
+pub struct ProductShape {
+    /// `prd_…`
+    pub id: String,
+    /// Always `product`.
+    pub object: String,
+    /// The merchant organization's id.
+    pub merchant: String,
+    pub name: String,
+    pub created_at: String,
+}
+/// A merchant's products (at most 1,000; not paged).
+#[allow(dead_code)]
+#[derive(ToSchema)]
+pub struct ProductList {
+    /// Always `list`.
+    pub object: String,
+    pub data: Vec<ProductShape>,
+}
+
+/// What a merchant measures usage in.
+#[allow(dead_code)]
+#[derive(ToSchema)]
+#[schema(as = Meter)]
+pub struct MeterShape {
+    /// `mtr_…`
+    pub id: String,
+    /// Always `meter`.
+    pub object: String,
+    pub merchant: String,
+    /// Unique per merchant; usage events and prices name the meter by it.
+    pub code: String,
+    pub unit: String,
+    /// `sum` of quantities or `count` of events.
+    pub aggregation: String,
+    /// The product it belongs to, if any.
+    pub product: Option<String>,
+    pub created_at: String,
+}
+/// A merchant's meters (at most 1,000; not paged).
+#[allow(dead_code)]
+#[derive(ToSchema)]
+pub struct MeterList {
+    /// Always `list`.
+    pub object: String,
+    pub data: Vec<MeterShape>,
+}
+
+/// One tier of a graduated price.
+#[allow(dead_code)]
+#[derive(ToSchema)]
+#[schema(as = PlanPriceTier)]
+pub struct PlanPriceTierShape {
+    /// The period quantity this tier ends at; null on the last tier.
+    pub up_to: Option<String>,
+    pub unit_price: String,
+}
+
+/// How one meter is priced. `model` says which of the optional fields are present:
+/// `per_unit` → `unit_price`; `package` → `package_size`, `package_price`; `graduated`
+/// → `tiers`; `dimensional` → `property`, `values`, `default_unit_price`.
+#[allow(dead_code)]
+#[derive(ToSchema)]
+#[schema(as = PlanPrice)]
+pub struct PlanPriceShape {
+    /// The meter's code (empty if the meter is gone).
+    pub meter: String,
+    /// The meter's id.
+    pub meter_id: String,
+    /// `per_unit`, `package`, `graduated` or `dimensional`.
+    pub model: String,
+    /// `per_unit` only.
+    #[schema(nullable = false)]
+    pub unit_price: Option<String>,
+    /// `package` only: the quantity one package covers.
+    #[schema(nullable = false)]
+    pub package_size: Option<String>,
+    /// `package` only.
+    #[schema(nullable = false)]
+    pub package_price: Option<String>,
+    /// `graduated` only.
+    #[schema(nullable = false)]
+    pub tiers: Option<Vec<PlanPriceTierShape>>,
+    /// `dimensional` only: the event property the price depends on.
+    #[schema(nullable = false)]
+    pub property: Option<String>,
+    /// `dimensional` only: the unit price per property value.
+    #[schema(nullable = false)]
+    pub values: Option<BTreeMap<String, String>>,
+    /// `dimensional` only: the unit price of other values; null when they are refused.
+    pub default_unit_price: Option<String>,
+}
+
+/// A price plan version. Plans never change: a change is a new version (`replaces`).
+#[allow(dead_code)]
+#[derive(ToSchema)]
+#[schema(as = Plan)]
+pub struct PlanShape {
+    /// `pln_…`
+    pub id: String,
+    /// Always `plan`.
+    pub object: String,
+    pub merchant: String,
+    pub name: String,
+    /// 1 for a new plan, one more for each version that replaces it.
+    pub version: u32,
+    /// The plan this one is a new version of.
+    pub replaces: Option<String>,
+    /// `active`, or `archived` once archived or replaced by a newer version.
+    pub status: String,
+    /// ISO 4217.
+    pub currency: String,
+    /// `day`, `week` or `month`.
+    pub billing_period: String,
+    /// Charged at the start of each period, if any.
+    pub recurring_fee: Option<String>,
+    /// The platform's fee as a fraction (`0.05` is 5%); null: the platform's default.
+    pub platform_fee_rate: Option<String>,
+    pub prices: Vec<PlanPriceShape>,
+    pub created_at: String,
+}
+/// A merchant's plans, every version (at most 1,000; not paged).
+#[allow(dead_code)]
+#[derive(ToSchema)]
+pub struct PlanList {
+    /// Always `list`.
+    pub object: String,
+    pub data: Vec<PlanShape>,
+}
+
+/// A subscription's usage of one priced meter in the current period.
+#[allow(dead_code)]
+#[derive(ToSchema)]
+#[schema(as = SubscriptionUsage)]
+pub struct SubscriptionUsageShape {
+    /// The meter's code; null if the meter is gone.
+    pub meter: Option<String>,
+    pub quantity: String,
+    /// Charged for this meter in the period; null if the wallet is gone.
+    pub amount: Option<String>,
+}
+
+/// A consumer's subscription to a merchant's plan.
+#[allow(dead_code)]
+#[derive(ToSchema)]
+#[schema(as = Subscription)]
+pub struct SubscriptionShape {
+    /// `sub_…`
+    pub id: String,
+    /// Always `subscription`.
+    pub object: String,
+    /// The paying organization.
+    pub consumer: String,
+    pub merchant: String,
+    /// The plan version subscribed to.
+    pub plan: String,
+    /// The consumer's wallet that pays.
+    pub wallet: String,
+    /// `active`, `past_due` or `canceled`.
+    pub status: String,
+    pub current_period_start: String,
+    pub current_period_end: String,
+    pub cancel_at_period_end: bool,
+    /// Owed and not yet paid (a recurring fee the wallet could not cover); null if the
+    /// wallet is gone.
+    pub outstanding: Option<String>,
+    pub created_at: String,
+    pub canceled_at: Option<String>,
+    /// One line per priced meter of the plan, in the plan's order; null if the plan is gone.
+    pub usage: Option<Vec<SubscriptionUsageShape>>,
+    /// Only in the answer that creates the subscription: the operation that charged the
+    /// first period's recurring fee, or null when none was charged.
+    pub first_fee_operation: Option<String>,
+}
+/// Subscriptions (at most 1,000; not paged).
+#[allow(dead_code)]
+#[derive(ToSchema)]
+pub struct SubscriptionList {
+    /// Always `list`.
+    pub object: String,
+    pub data: Vec<SubscriptionShape>,
+}
+
+/// Part of a usage charge paid from one source.
+#[allow(dead_code)]
+#[derive(ToSchema)]
+pub struct UsageChargeSource {
+    /// A grant id, or `main` for the wallet's own balance.
+    pub source: String,
+    pub amount: String,
+}
+
+/// A usage event rated and charged.
+#[allow(dead_code)]
+#[derive(ToSchema)]
+#[schema(as = UsageCharge)]
+pub struct UsageChargeShape {
+    /// The merchant's id for the event.
+    pub event_id: String,
+    /// Always `charged`.
+    pub status: String,
+    pub subscription: String,
+    /// The quantity counted (1 for counting meters).
+    pub quantity: String,
+    /// What the consumer paid.
+    pub amount: String,
+    /// The platform's part of `amount`.
+    pub platform_fee: String,
+    pub currency: String,
+    /// The charge's operation; null when the event cost less than one ledger unit so far
+    /// (the fraction is carried to the next event).
+    pub operation: Option<String>,
+    /// Where the money came from: grants first, then `main`.
+    pub charges: Vec<UsageChargeSource>,
+    /// The consumer wallet's balance after the charge; null when `operation` is.
+    pub balance_after: Option<String>,
+    /// The reservation captured from, if the event named one.
+    pub reservation: Option<String>,
+    /// What went back to the wallet when the event finished its reservation.
+    pub reservation_released: Option<String>,
+    /// This charge took the wallet's available balance below its low-balance threshold
+    /// (true once per crossing; a `balance.low` event is recorded).
+    pub low_balance: bool,
+}
+
+/// A usage event's first result, as history keeps it.
+#[allow(dead_code)]
+#[derive(ToSchema)]
+#[schema(as = UsageRecord)]
+pub struct UsageRecordShape {
+    pub event_id: String,
+    /// Always `charged`.
+    pub status: String,
+    pub subscription: String,
+    pub quantity: String,
+    pub amount: String,
+    pub platform_fee: String,
+    pub currency: String,
+    pub operation: Option<String>,
+    pub balance_after: Option<String>,
+    pub reservation: Option<String>,
+}
+
+/// A usage event whose id was already reported: nothing is charged again.
+#[allow(dead_code)]
+#[derive(ToSchema)]
+pub struct UsageDuplicate {
+    pub event_id: String,
+    /// Always `duplicate`.
+    pub status: String,
+    /// `duplicate_event`.
+    pub code: String,
+    pub detail: String,
+    /// The first event's result; null if history does not have it.
+    pub original: Option<UsageRecordShape>,
+}
+
+/// A usage event refused (in a batch; a single event's refusal is a problem+json).
+#[allow(dead_code)]
+#[derive(ToSchema)]
+pub struct UsageRejected {
+    pub event_id: String,
+    /// Always `rejected`.
+    pub status: String,
+    /// The stable error code, for example `no_active_subscription` or `insufficient_funds`.
+    pub code: String,
+    pub detail: String,
+}
+
+/// One event's outcome in a batch.
+#[allow(dead_code)]
+#[derive(ToSchema)]
+#[serde(untagged)]
+pub enum UsageBatchResult {
+    Charged(UsageChargeShape),
+    Duplicate(UsageDuplicate),
+    Rejected(UsageRejected),
+}
+
+/// A usage batch's outcomes, one per event in order.
+#[allow(dead_code)]
+#[derive(ToSchema)]
+pub struct UsageBatchAnswer {
+    /// Always `usage_batch`.
+    pub object: String,
+    /// Events charged.
+    pub charged: u64,
+    /// Events refused, duplicates included.
+    pub refused: u64,
+    pub results: Vec<UsageBatchResult>,
+}
+
+/// The money an access check reserved.
+#[allow(dead_code)]
+#[derive(ToSchema)]
+#[schema(as = AccessReservation)]
+pub struct AccessReservationShape {
+    /// The hold's id (`hld_…`): usage naming it as `reservation` captures from it.
+    pub id: String,
+    /// Always `reservation`.
+    pub object: String,
+    pub consumer: String,
+    pub amount: String,
+    /// `active`.
+    pub status: String,
+    pub expires_at: String,
+}
+
+/// Whether a consumer can afford some usage now.
+#[allow(dead_code)]
+#[derive(ToSchema)]
+#[schema(as = AccessCheck)]
+pub struct AccessCheckShape {
+    /// Always `access_check`.
+    pub object: String,
+    pub allowed: bool,
+    /// Why not, when not allowed: a stable code such as `insufficient_funds`,
+    /// `wallet_frozen`, `wallet_closed` or `wallet_on_hold`.
+    pub reason: Option<String>,
+    /// What the usage would cost.
+    pub estimated_cost: String,
+    /// What the consumer's wallet can spend with this merchant now.
+    pub available: String,
+    pub currency: String,
+    /// The subscription that would be charged.
+    pub subscription: String,
+    /// The reservation made when `reserve` was asked and the check allowed; else null.
+    pub reservation: Option<AccessReservationShape>,
+}
+
+/// Usage of one meter (and dimension value) in a period.
+#[allow(dead_code)]
+#[derive(ToSchema)]
+#[schema(as = UsageSummaryLine)]
+pub struct UsageSummaryLineShape {
+    /// The meter's code.
+    pub meter: String,
+    /// The property value that priced these events under a dimensional price; null for
+    /// other prices and for events a dimensional price's default priced.
+    pub dimension: Option<String>,
+    pub quantity: String,
+    pub amount: String,
+    /// Events counted.
+    pub events: u64,
+}
+
+/// A subscription's usage in one period.
+#[allow(dead_code)]
+#[derive(ToSchema)]
+#[schema(as = UsageSummary)]
+pub struct UsageSummaryShape {
+    /// Always `usage_summary`.
+    pub object: String,
+    pub subscription: String,
+    pub period_start: String,
+    pub currency: String,
+    /// The sum of the lines' amounts.
+    pub total: String,
+    pub lines: Vec<UsageSummaryLineShape>,
+}
+
+/// A statement's totals by category (signed; positive credits the wallet). Only the
+/// categories with movements in the period are present.
+#[allow(dead_code)]
+#[derive(ToSchema)]
+pub struct StatementTotals {
+    #[schema(nullable = false)]
+    pub top_ups: Option<String>,
+    #[schema(nullable = false)]
+    pub adjustments: Option<String>,
+    #[schema(nullable = false)]
+    pub grants_granted: Option<String>,
+    #[schema(nullable = false)]
+    pub grants_expired: Option<String>,
+    #[schema(nullable = false)]
+    pub grants_voided: Option<String>,
+    /// Usage charges, recurring fees and hold captures paid.
+    #[schema(nullable = false)]
+    pub charges: Option<String>,
+    /// Usage charges, recurring fees and hold captures received.
+    #[schema(nullable = false)]
+    pub earnings: Option<String>,
+    #[schema(nullable = false)]
+    pub refunds: Option<String>,
+    #[schema(nullable = false)]
+    pub transfers_out: Option<String>,
+    #[schema(nullable = false)]
+    pub transfers_in: Option<String>,
+}
+
+/// Billing movements summed by counterparty, product and category.
+#[allow(dead_code)]
+#[derive(ToSchema)]
+#[schema(as = StatementCharge)]
+pub struct StatementChargeShape {
+    /// The merchant paid (for charges) or the consumer paying (for earnings); empty if
+    /// the subscription is gone.
+    pub counterparty: String,
+    /// The product's id, or `recurring_fee`; null when neither.
+    pub product: Option<String>,
+    /// `charges`, `earnings` or another totals category.
+    pub category: String,
+    /// Signed.
+    pub amount: String,
+}
+
+/// A wallet statement for [from, until).
+#[allow(dead_code)]
+#[derive(ToSchema)]
+#[schema(as = Statement)]
+pub struct StatementShape {
+    /// Always `statement`.
+    pub object: String,
+    pub wallet: String,
+    pub currency: String,
+    pub from: String,
+    pub until: String,
+    pub opening_balance: String,
+    pub closing_balance: String,
+    pub totals: StatementTotals,
+    pub charges_by_merchant_and_product: Vec<StatementChargeShape>,
+    /// How many movements the period has.
+    pub movements: u64,
+}
+
 // ---- catalog ----
 
 #[derive(Deserialize, utoipa::ToSchema)]
@@ -269,7 +703,7 @@ struct CreateProduct {
     name: String,
 }
 
-#[utoipa::path(post, path = "/v1/products", tag = "catalog", summary = "Create a product", request_body = CreateProduct, responses((status = 201, description = "success, as JSON"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
+#[utoipa::path(post, path = "/v1/products", tag = "catalog", summary = "Create a product", request_body = CreateProduct, responses((status = 201, description = "the product created", body = ProductShape), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json"), (status = "5XX", description = "problem+json: `busy`, `not_ready`, `shutting_down` or `not_leader` (503, retry after Retry-After), `provider_unavailable` (502) or `internal` (500)", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn create_product(AxumState(app): App, headers: HeaderMap, ApiJson(body): ApiJson<CreateProduct>) -> ApiResult {
     let caller = caller(&app, &headers)?;
     caller.require_write()?;
@@ -287,7 +721,7 @@ struct MerchantQuery {
     merchant: Option<String>,
 }
 
-#[utoipa::path(get, path = "/v1/products", tag = "catalog", summary = "A merchant's products", params(("merchant" = Option<String>, Query, description = "the merchant (admin keys)")), responses((status = 200, description = "success, as JSON"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
+#[utoipa::path(get, path = "/v1/products", tag = "catalog", summary = "A merchant's products", params(("merchant" = Option<String>, Query, description = "the merchant (admin keys)")), responses((status = 200, description = "the merchant's products", body = ProductList), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json"), (status = "5XX", description = "problem+json: `busy`, `not_ready`, `shutting_down` or `not_leader` (503, retry after Retry-After), `provider_unavailable` (502) or `internal` (500)", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn list_products(AxumState(app): App, headers: HeaderMap, Query(query): Query<MerchantQuery>) -> ApiResult {
     let caller = caller(&app, &headers)?;
     let merchant = merchant_of(&caller, query.merchant.as_deref())?;
@@ -313,7 +747,7 @@ struct CreateMeter {
     product: Option<String>,
 }
 
-#[utoipa::path(post, path = "/v1/meters", tag = "catalog", summary = "Create a meter", request_body = CreateMeter, responses((status = 201, description = "success, as JSON"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
+#[utoipa::path(post, path = "/v1/meters", tag = "catalog", summary = "Create a meter", request_body = CreateMeter, responses((status = 201, description = "the meter created", body = MeterShape), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json"), (status = "5XX", description = "problem+json: `busy`, `not_ready`, `shutting_down` or `not_leader` (503, retry after Retry-After), `provider_unavailable` (502) or `internal` (500)", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn create_meter(AxumState(app): App, headers: HeaderMap, ApiJson(body): ApiJson<CreateMeter>) -> ApiResult {
     let caller = caller(&app, &headers)?;
     caller.require_write()?;
@@ -331,7 +765,7 @@ async fn create_meter(AxumState(app): App, headers: HeaderMap, ApiJson(body): Ap
     Ok(created(view.unwrap_or(Value::Null)))
 }
 
-#[utoipa::path(get, path = "/v1/meters", tag = "catalog", summary = "A merchant's meters", params(("merchant" = Option<String>, Query, description = "the merchant (admin keys)")), responses((status = 200, description = "success, as JSON"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
+#[utoipa::path(get, path = "/v1/meters", tag = "catalog", summary = "A merchant's meters", params(("merchant" = Option<String>, Query, description = "the merchant (admin keys)")), responses((status = 200, description = "the merchant's meters", body = MeterList), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json"), (status = "5XX", description = "problem+json: `busy`, `not_ready`, `shutting_down` or `not_leader` (503, retry after Retry-After), `provider_unavailable` (502) or `internal` (500)", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn list_meters(AxumState(app): App, headers: HeaderMap, Query(query): Query<MerchantQuery>) -> ApiResult {
     let caller = caller(&app, &headers)?;
     let merchant = merchant_of(&caller, query.merchant.as_deref())?;
@@ -443,7 +877,7 @@ fn price_model(body: &PriceBody, field: &str) -> Result<PriceModel, ApiError> {
     })
 }
 
-#[utoipa::path(post, path = "/v1/plans", tag = "catalog", summary = "Create a plan, or a new version of one (`replaces`)", request_body = CreatePlan, responses((status = 201, description = "success, as JSON"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
+#[utoipa::path(post, path = "/v1/plans", tag = "catalog", summary = "Create a plan, or a new version of one (`replaces`)", request_body = CreatePlan, responses((status = 201, description = "the plan (version) created", body = PlanShape), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json"), (status = "5XX", description = "problem+json: `busy`, `not_ready`, `shutting_down` or `not_leader` (503, retry after Retry-After), `provider_unavailable` (502) or `internal` (500)", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn create_plan(AxumState(app): App, headers: HeaderMap, ApiJson(body): ApiJson<CreatePlan>) -> ApiResult {
     let caller = caller(&app, &headers)?;
     caller.require_write()?;
@@ -500,7 +934,7 @@ async fn create_plan(AxumState(app): App, headers: HeaderMap, ApiJson(body): Api
     Ok(created(view.unwrap_or(Value::Null)))
 }
 
-#[utoipa::path(get, path = "/v1/plans", tag = "catalog", summary = "A merchant's plans", params(("merchant" = Option<String>, Query, description = "the merchant (admin keys)")), responses((status = 200, description = "success, as JSON"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
+#[utoipa::path(get, path = "/v1/plans", tag = "catalog", summary = "A merchant's plans", params(("merchant" = Option<String>, Query, description = "the merchant (admin keys)")), responses((status = 200, description = "the merchant's plans", body = PlanList), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json"), (status = "5XX", description = "problem+json: `busy`, `not_ready`, `shutting_down` or `not_leader` (503, retry after Retry-After), `provider_unavailable` (502) or `internal` (500)", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn list_plans(AxumState(app): App, headers: HeaderMap, Query(query): Query<MerchantQuery>) -> ApiResult {
     let caller = caller(&app, &headers)?;
     let merchant = merchant_of(&caller, query.merchant.as_deref())?;
@@ -514,7 +948,7 @@ async fn list_plans(AxumState(app): App, headers: HeaderMap, Query(query): Query
 }
 
 /// Plans are public to every key: a consumer must see what it subscribes to.
-#[utoipa::path(get, path = "/v1/plans/{id}", tag = "catalog", summary = "Get a plan", params(("id" = String, Path, description = "the object's id")), responses((status = 200, description = "success, as JSON"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
+#[utoipa::path(get, path = "/v1/plans/{id}", tag = "catalog", summary = "Get a plan", params(("id" = String, Path, description = "the object's id")), responses((status = 200, description = "the plan", body = PlanShape), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json"), (status = "5XX", description = "problem+json: `busy`, `not_ready`, `shutting_down` or `not_leader` (503, retry after Retry-After), `provider_unavailable` (502) or `internal` (500)", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn get_plan(AxumState(app): App, headers: HeaderMap, Path(id): Path<String>) -> ApiResult {
     caller(&app, &headers)?;
     let plan = parse_id("plan", &id, PlanId::parse)?;
@@ -522,7 +956,7 @@ async fn get_plan(AxumState(app): App, headers: HeaderMap, Path(id): Path<String
     view.map(ok).ok_or_else(ApiError::not_found)
 }
 
-#[utoipa::path(post, path = "/v1/plans/{id}/archive", tag = "catalog", summary = "Stop a plan taking new subscriptions", params(("id" = String, Path, description = "the object's id")), responses((status = 200, description = "success, as JSON"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
+#[utoipa::path(post, path = "/v1/plans/{id}/archive", tag = "catalog", summary = "Stop a plan taking new subscriptions", params(("id" = String, Path, description = "the object's id")), responses((status = 200, description = "the plan, now archived", body = PlanShape), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json"), (status = "5XX", description = "problem+json: `busy`, `not_ready`, `shutting_down` or `not_leader` (503, retry after Retry-After), `provider_unavailable` (502) or `internal` (500)", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn archive_plan(AxumState(app): App, headers: HeaderMap, Path(id): Path<String>) -> ApiResult {
     let caller = caller(&app, &headers)?;
     caller.require_write()?;
@@ -551,7 +985,7 @@ fn may_see(caller: &Caller, subscription: &Subscription) -> bool {
     caller.owns(subscription.consumer) || caller.owns(subscription.merchant)
 }
 
-#[utoipa::path(post, path = "/v1/subscriptions", tag = "subscriptions", summary = "Subscribe a consumer to a plan (the platform, the consumer, or the plan's merchant)", request_body = Subscribe, responses((status = 201, description = "success, as JSON"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
+#[utoipa::path(post, path = "/v1/subscriptions", tag = "subscriptions", summary = "Subscribe a consumer to a plan (the platform, the consumer, or the plan's merchant)", request_body = Subscribe, responses((status = 201, description = "the subscription created, with `first_fee_operation`", body = SubscriptionShape), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json"), (status = "5XX", description = "problem+json: `busy`, `not_ready`, `shutting_down` or `not_leader` (503, retry after Retry-After), `provider_unavailable` (502) or `internal` (500)", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn subscribe(AxumState(app): App, headers: HeaderMap, ApiJson(body): ApiJson<Subscribe>) -> ApiResult {
     let caller = caller(&app, &headers)?;
     caller.require_write()?;
@@ -581,7 +1015,7 @@ struct SubscriptionQuery {
     merchant: Option<String>,
 }
 
-#[utoipa::path(get, path = "/v1/subscriptions", tag = "subscriptions", summary = "Subscriptions the caller is party to, by consumer or merchant", params(("consumer" = Option<String>, Query, description = "filter by consumer"), ("merchant" = Option<String>, Query, description = "filter by merchant")), responses((status = 200, description = "success, as JSON"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
+#[utoipa::path(get, path = "/v1/subscriptions", tag = "subscriptions", summary = "Subscriptions the caller is party to, by consumer or merchant", params(("consumer" = Option<String>, Query, description = "filter by consumer"), ("merchant" = Option<String>, Query, description = "filter by merchant")), responses((status = 200, description = "the subscriptions", body = SubscriptionList), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json"), (status = "5XX", description = "problem+json: `busy`, `not_ready`, `shutting_down` or `not_leader` (503, retry after Retry-After), `provider_unavailable` (502) or `internal` (500)", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn list_subscriptions(
     AxumState(app): App,
     headers: HeaderMap,
@@ -622,7 +1056,7 @@ async fn visible_subscription(app: &AppState, caller: &Caller, id: &str) -> Resu
     }
 }
 
-#[utoipa::path(get, path = "/v1/subscriptions/{id}", tag = "subscriptions", summary = "Get a subscription with its period's usage", params(("id" = String, Path, description = "the object's id")), responses((status = 200, description = "success, as JSON"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
+#[utoipa::path(get, path = "/v1/subscriptions/{id}", tag = "subscriptions", summary = "Get a subscription with its period's usage", params(("id" = String, Path, description = "the object's id")), responses((status = 200, description = "the subscription", body = SubscriptionShape), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json"), (status = "5XX", description = "problem+json: `busy`, `not_ready`, `shutting_down` or `not_leader` (503, retry after Retry-After), `provider_unavailable` (502) or `internal` (500)", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn get_subscription(AxumState(app): App, headers: HeaderMap, Path(id): Path<String>) -> ApiResult {
     let caller = caller(&app, &headers)?;
     Ok(ok(visible_subscription(&app, &caller, &id).await?.1))
@@ -640,7 +1074,7 @@ fn yes() -> bool {
     true
 }
 
-#[utoipa::path(post, path = "/v1/subscriptions/{id}/cancel", tag = "subscriptions", summary = "Cancel at period end or at once", params(("id" = String, Path, description = "the object's id")), request_body = Cancel, responses((status = 200, description = "success, as JSON"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
+#[utoipa::path(post, path = "/v1/subscriptions/{id}/cancel", tag = "subscriptions", summary = "Cancel at period end or at once", params(("id" = String, Path, description = "the object's id")), request_body = Cancel, responses((status = 200, description = "the subscription after the change", body = SubscriptionShape), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json"), (status = "5XX", description = "problem+json: `busy`, `not_ready`, `shutting_down` or `not_leader` (503, retry after Retry-After), `provider_unavailable` (502) or `internal` (500)", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn cancel_subscription(
     AxumState(app): App,
     headers: HeaderMap,
@@ -783,7 +1217,7 @@ async fn run_usage(
     Ok(answers)
 }
 
-#[utoipa::path(post, path = "/v1/usage", tag = "usage", summary = "Report one usage event: rated and charged at once (the event id is the idempotency key)", request_body = UsageBody, responses((status = 201, description = "success, as JSON"), (status = "4XX", description = "problem+json with a stable code; a duplicate answers 409 with the original result", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
+#[utoipa::path(post, path = "/v1/usage", tag = "usage", summary = "Report one usage event: rated and charged at once (the event id is the idempotency key)", request_body = UsageBody, responses((status = 201, description = "the event, rated and charged", body = UsageChargeShape), (status = 409, description = "a duplicate event id: nothing charged; the first result is in `original`", body = UsageDuplicate), (status = "4XX", description = "problem+json with a stable code; a duplicate answers 409 with the original result", body = crate::error::Problem, content_type = "application/problem+json"), (status = "5XX", description = "problem+json: `busy`, `not_ready`, `shutting_down` or `not_leader` (503, retry after Retry-After), `provider_unavailable` (502) or `internal` (500)", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn report_usage(AxumState(app): App, headers: HeaderMap, ApiJson(body): ApiJson<UsageBody>) -> ApiResult {
     let caller = caller(&app, &headers)?;
     caller.require_scope(crate::Scope::Usage)?;
@@ -803,7 +1237,7 @@ async fn report_usage(AxumState(app): App, headers: HeaderMap, ApiJson(body): Ap
     Ok((status, Json(answer)).into_response())
 }
 
-#[utoipa::path(post, path = "/v1/usage/batch", tag = "usage", summary = "Report up to 10,000 usage events; each is charged or refused on its own", request_body = UsageBatch, responses((status = 200, description = "one result per event, in order"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
+#[utoipa::path(post, path = "/v1/usage/batch", tag = "usage", summary = "Report up to 10,000 usage events; each is charged or refused on its own", request_body = UsageBatch, responses((status = 200, description = "one result per event, in order", body = UsageBatchAnswer), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json"), (status = "5XX", description = "problem+json: `busy`, `not_ready`, `shutting_down` or `not_leader` (503, retry after Retry-After), `provider_unavailable` (502) or `internal` (500)", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn report_usage_batch(AxumState(app): App, headers: HeaderMap, ApiJson(body): ApiJson<UsageBatch>) -> ApiResult {
     let caller = caller(&app, &headers)?;
     caller.require_scope(crate::Scope::Usage)?;
@@ -881,7 +1315,7 @@ struct AccessCheckBody {
     reserve: Option<Reserve>,
 }
 
-#[utoipa::path(post, path = "/v1/access-checks", tag = "usage", summary = "Can the consumer afford this usage now? Optionally reserve the money", params(("Idempotency-Key" = Option<String>, Header, description = "required with `reserve`")), request_body = AccessCheckBody, responses((status = 200, description = "success, as JSON"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
+#[utoipa::path(post, path = "/v1/access-checks", tag = "usage", summary = "Can the consumer afford this usage now? Optionally reserve the money", params(("Idempotency-Key" = Option<String>, Header, description = "required with `reserve`")), request_body = AccessCheckBody, responses((status = 200, description = "whether the usage is allowed, and the reservation when one was asked for", body = AccessCheckShape), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json"), (status = "5XX", description = "problem+json: `busy`, `not_ready`, `shutting_down` or `not_leader` (503, retry after Retry-After), `provider_unavailable` (502) or `internal` (500)", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn access_check(AxumState(app): App, headers: HeaderMap, ApiJson(body): ApiJson<AccessCheckBody>) -> ApiResult {
     let caller = caller(&app, &headers)?;
     let merchant = merchant_of(&caller, None)?;
@@ -993,7 +1427,7 @@ fn csv_response(name: &str, rows: Vec<Vec<String>>) -> Response {
     response
 }
 
-#[utoipa::path(get, path = "/v1/subscriptions/{id}/usage", tag = "usage", summary = "Usage summary of a period: quantity and amount per meter and dimension (JSON or CSV)", params(("id" = String, Path, description = "the object's id"), ("period_start" = Option<String>, Query, description = "RFC 3339; the current period by default"), ("format" = Option<String>, Query, description = "json or csv")), responses((status = 200, description = "success, as JSON or CSV"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
+#[utoipa::path(get, path = "/v1/subscriptions/{id}/usage", tag = "usage", summary = "Usage summary of a period: quantity and amount per meter and dimension (JSON or CSV)", params(("id" = String, Path, description = "the object's id"), ("period_start" = Option<String>, Query, description = "RFC 3339; the current period by default"), ("format" = Option<String>, Query, description = "json or csv")), responses((status = 200, description = "the period's usage by meter and dimension, as JSON or CSV (`format=csv`: one row per line)", content((UsageSummaryShape = "application/json"), (String = "text/csv"))), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json"), (status = "5XX", description = "problem+json: `busy`, `not_ready`, `shutting_down` or `not_leader` (503, retry after Retry-After), `provider_unavailable` (502) or `internal` (500)", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn usage_summary(
     AxumState(app): App,
     headers: HeaderMap,
@@ -1109,7 +1543,7 @@ fn statement_category(kind: &str, amount: i128) -> &'static str {
     }
 }
 
-#[utoipa::path(get, path = "/v1/wallets/{id}/statement", tag = "history", summary = "A wallet statement for [from, until): opening and closing balance, totals by kind, charges by merchant and product (JSON or CSV)", params(("id" = String, Path, description = "the wallet's id"), ("from" = String, Query, description = "RFC 3339, inclusive"), ("until" = String, Query, description = "RFC 3339, exclusive"), ("format" = Option<String>, Query, description = "json or csv")), responses((status = 200, description = "success, as JSON or CSV"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
+#[utoipa::path(get, path = "/v1/wallets/{id}/statement", tag = "history", summary = "A wallet statement for [from, until): opening and closing balance, totals by kind, charges by merchant and product (JSON or CSV)", params(("id" = String, Path, description = "the wallet's id"), ("from" = String, Query, description = "RFC 3339, inclusive"), ("until" = String, Query, description = "RFC 3339, exclusive"), ("format" = Option<String>, Query, description = "json or csv")), responses((status = 200, description = "the statement, as JSON or CSV (`format=csv`: one row per movement)", content((StatementShape = "application/json"), (String = "text/csv"))), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json"), (status = "5XX", description = "problem+json: `busy`, `not_ready`, `shutting_down` or `not_leader` (503, retry after Retry-After), `provider_unavailable` (502) or `internal` (500)", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn statement(
     AxumState(app): App,
     headers: HeaderMap,

@@ -47,6 +47,8 @@ pub struct Problem {
     detail: String,
     /// The request field at fault, where there is one.
     field: Option<String>,
+    /// On `not_leader` (a standby): the leader's address, to send the request there.
+    leader: Option<String>,
 }
 
 /// The one table from error code to HTTP status. Every code a client can see is here.

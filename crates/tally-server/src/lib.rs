@@ -10,6 +10,7 @@ pub mod nats;
 pub mod payments;
 pub mod payouts;
 mod portal;
+mod schemas;
 pub mod time;
 mod views;
 pub mod webhooks;
@@ -472,12 +473,12 @@ async fn run_money(app: &Arc<AppState>, caller: &Caller, headers: &HeaderMap, ac
 
 // ---- health ----
 
-#[utoipa::path(get, path = "/healthz", tag = "health", summary = "Liveness", responses((status = 200, description = "success, as JSON"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
+#[utoipa::path(get, path = "/healthz", tag = "health", summary = "Liveness", responses((status = 200, description = "success", body = crate::schemas::Health), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json"), (status = "5XX", description = "problem+json: `busy`, `not_ready`, `shutting_down` or `not_leader` (503, retry after Retry-After), `provider_unavailable` (502) or `internal` (500)", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn healthz() -> Response {
     ok(json!({"status": "ok"}))
 }
 
-#[utoipa::path(get, path = "/readyz", tag = "health", summary = "Readiness: the ledger is loaded and storage works", responses((status = 200, description = "success, as JSON"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
+#[utoipa::path(get, path = "/readyz", tag = "health", summary = "Readiness: the ledger is loaded and storage works", responses((status = 200, description = "success", body = crate::schemas::Health), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json"), (status = "5XX", description = "problem+json: `busy`, `not_ready`, `shutting_down` or `not_leader` (503, retry after Retry-After), `provider_unavailable` (502) or `internal` (500)", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn readyz(AxumState(app): App) -> Response {
     if app.handle.stats().ready.load(std::sync::atomic::Ordering::Acquire) {
         ok(json!({"status": "ready"}))
@@ -504,7 +505,7 @@ struct CreateOrganization {
     roles: Option<RolesBody>,
 }
 
-#[utoipa::path(post, path = "/v1/organizations", tag = "organizations", summary = "Create an organization (admin)", request_body = CreateOrganization, responses((status = 201, description = "success, as JSON"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
+#[utoipa::path(post, path = "/v1/organizations", tag = "organizations", summary = "Create an organization (admin)", request_body = CreateOrganization, responses((status = 201, description = "success", body = crate::schemas::Organization), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json"), (status = "5XX", description = "problem+json: `busy`, `not_ready`, `shutting_down` or `not_leader` (503, retry after Retry-After), `provider_unavailable` (502) or `internal` (500)", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn create_organization(
     AxumState(app): App,
     headers: HeaderMap,
@@ -529,7 +530,7 @@ struct PageQuery {
     q: Option<String>,
 }
 
-#[utoipa::path(get, path = "/v1/organizations", tag = "organizations", summary = "List organizations (admin), cursor `after`, `limit`", params(("limit" = Option<u32>, Query, description = "page size, at most 500"), ("after" = Option<String>, Query, description = "cursor: the last id seen"), ("q" = Option<String>, Query, description = "only names containing this, ignoring case")), responses((status = 200, description = "success, as JSON"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
+#[utoipa::path(get, path = "/v1/organizations", tag = "organizations", summary = "List organizations (admin), cursor `after`, `limit`", params(("limit" = Option<u32>, Query, description = "page size, at most 500"), ("after" = Option<String>, Query, description = "cursor: the last id seen"), ("q" = Option<String>, Query, description = "only names containing this, ignoring case")), responses((status = 200, description = "success", body = crate::schemas::OrganizationList), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json"), (status = "5XX", description = "problem+json: `busy`, `not_ready`, `shutting_down` or `not_leader` (503, retry after Retry-After), `provider_unavailable` (502) or `internal` (500)", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn list_organizations(AxumState(app): App, headers: HeaderMap, Query(query): Query<PageQuery>) -> ApiResult {
     caller(&app, &headers)?.require_admin()?;
     let limit = query.limit.unwrap_or(PAGE_SIZE_DEFAULT).clamp(1, tally_store::PAGE_SIZE_MAX) as usize;
@@ -556,7 +557,7 @@ async fn list_organizations(AxumState(app): App, headers: HeaderMap, Query(query
     Ok(ok(json!({"object": "list", "data": items, "next_cursor": next})))
 }
 
-#[utoipa::path(get, path = "/v1/organizations/{id}", tag = "organizations", summary = "Get an organization", params(("id" = String, Path, description = "the object's id")), responses((status = 200, description = "success, as JSON"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
+#[utoipa::path(get, path = "/v1/organizations/{id}", tag = "organizations", summary = "Get an organization", params(("id" = String, Path, description = "the object's id")), responses((status = 200, description = "success", body = crate::schemas::Organization), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json"), (status = "5XX", description = "problem+json: `busy`, `not_ready`, `shutting_down` or `not_leader` (503, retry after Retry-After), `provider_unavailable` (502) or `internal` (500)", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn get_organization(AxumState(app): App, headers: HeaderMap, Path(id): Path<String>) -> ApiResult {
     let caller = caller(&app, &headers)?;
     let id = parse_id("organization", &id, OrganizationId::parse)?;
@@ -581,7 +582,7 @@ struct BillingBody {
     tax_id: String,
 }
 
-#[utoipa::path(put, path = "/v1/organizations/{id}/billing-details", tag = "organizations", summary = "Set billing details", params(("id" = String, Path, description = "the object's id")), request_body = BillingBody, responses((status = 200, description = "success, as JSON"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
+#[utoipa::path(put, path = "/v1/organizations/{id}/billing-details", tag = "organizations", summary = "Set billing details", params(("id" = String, Path, description = "the object's id")), request_body = BillingBody, responses((status = 200, description = "success", body = crate::schemas::Organization), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json"), (status = "5XX", description = "problem+json: `busy`, `not_ready`, `shutting_down` or `not_leader` (503, retry after Retry-After), `provider_unavailable` (502) or `internal` (500)", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn update_billing(
     AxumState(app): App,
     headers: HeaderMap,
@@ -619,7 +620,7 @@ struct CreateWallet {
 }
 
 /// Get-or-create: safe to call on every page load; 201 when it created the wallet.
-#[utoipa::path(post, path = "/v1/organizations/{id}/wallets", tag = "wallets", summary = "Get or create the wallet in a currency (201 when created)", params(("id" = String, Path, description = "the object's id")), request_body = CreateWallet, responses((status = 200, description = "success, as JSON"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
+#[utoipa::path(post, path = "/v1/organizations/{id}/wallets", tag = "wallets", summary = "Get or create the wallet in a currency (201 when created)", params(("id" = String, Path, description = "the object's id")), request_body = CreateWallet, responses((status = 200, description = "success", body = crate::schemas::Wallet), (status = 201, description = "created", body = crate::schemas::Wallet), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json"), (status = "5XX", description = "problem+json: `busy`, `not_ready`, `shutting_down` or `not_leader` (503, retry after Retry-After), `provider_unavailable` (502) or `internal` (500)", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn get_or_create_wallet(
     AxumState(app): App,
     headers: HeaderMap,
@@ -666,7 +667,7 @@ async fn get_or_create_wallet(
     Ok(if was_created { created(view) } else { ok(view) })
 }
 
-#[utoipa::path(get, path = "/v1/organizations/{id}/wallets", tag = "wallets", summary = "List an organization's wallets", params(("id" = String, Path, description = "the object's id")), responses((status = 200, description = "success, as JSON"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
+#[utoipa::path(get, path = "/v1/organizations/{id}/wallets", tag = "wallets", summary = "List an organization's wallets", params(("id" = String, Path, description = "the object's id")), responses((status = 200, description = "success", body = crate::schemas::WalletList), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json"), (status = "5XX", description = "problem+json: `busy`, `not_ready`, `shutting_down` or `not_leader` (503, retry after Retry-After), `provider_unavailable` (502) or `internal` (500)", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn list_wallets(AxumState(app): App, headers: HeaderMap, Path(id): Path<String>) -> ApiResult {
     let caller = caller(&app, &headers)?;
     let organization = parse_id("organization", &id, OrganizationId::parse)?;
@@ -690,7 +691,7 @@ async fn list_wallets(AxumState(app): App, headers: HeaderMap, Path(id): Path<St
     Ok(ok(json!({"object": "list", "data": wallets})))
 }
 
-#[utoipa::path(get, path = "/v1/wallets/{id}", tag = "wallets", summary = "Balance, held, available and grants", params(("id" = String, Path, description = "the object's id")), responses((status = 200, description = "success, as JSON"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
+#[utoipa::path(get, path = "/v1/wallets/{id}", tag = "wallets", summary = "Balance, held, available and grants", params(("id" = String, Path, description = "the object's id")), responses((status = 200, description = "success", body = crate::schemas::Wallet), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json"), (status = "5XX", description = "problem+json: `busy`, `not_ready`, `shutting_down` or `not_leader` (503, retry after Retry-After), `provider_unavailable` (502) or `internal` (500)", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn get_wallet(AxumState(app): App, headers: HeaderMap, Path(id): Path<String>) -> ApiResult {
     let caller = caller(&app, &headers)?;
     let (_, view, _, _) = owned_wallet(&app, &caller, &id).await?;
@@ -715,17 +716,17 @@ async fn set_status(
     Ok(ok(view))
 }
 
-#[utoipa::path(post, path = "/v1/wallets/{id}/freeze", tag = "wallets", summary = "Freeze: no debits (admin)", params(("id" = String, Path, description = "the object's id")), responses((status = 200, description = "success, as JSON"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
+#[utoipa::path(post, path = "/v1/wallets/{id}/freeze", tag = "wallets", summary = "Freeze: no debits (admin)", params(("id" = String, Path, description = "the object's id")), responses((status = 200, description = "success", body = crate::schemas::Wallet), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json"), (status = "5XX", description = "problem+json: `busy`, `not_ready`, `shutting_down` or `not_leader` (503, retry after Retry-After), `provider_unavailable` (502) or `internal` (500)", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn freeze_wallet(AxumState(app): App, headers: HeaderMap, Path(id): Path<String>) -> ApiResult {
     set_status(app, headers, id, WalletStatus::Frozen, true).await
 }
 
-#[utoipa::path(post, path = "/v1/wallets/{id}/unfreeze", tag = "wallets", summary = "Unfreeze (admin)", params(("id" = String, Path, description = "the object's id")), responses((status = 200, description = "success, as JSON"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
+#[utoipa::path(post, path = "/v1/wallets/{id}/unfreeze", tag = "wallets", summary = "Unfreeze (admin)", params(("id" = String, Path, description = "the object's id")), responses((status = 200, description = "success", body = crate::schemas::Wallet), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json"), (status = "5XX", description = "problem+json: `busy`, `not_ready`, `shutting_down` or `not_leader` (503, retry after Retry-After), `provider_unavailable` (502) or `internal` (500)", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn unfreeze_wallet(AxumState(app): App, headers: HeaderMap, Path(id): Path<String>) -> ApiResult {
     set_status(app, headers, id, WalletStatus::Active, true).await
 }
 
-#[utoipa::path(post, path = "/v1/wallets/{id}/close", tag = "wallets", summary = "Close an empty wallet", params(("id" = String, Path, description = "the object's id")), responses((status = 200, description = "success, as JSON"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
+#[utoipa::path(post, path = "/v1/wallets/{id}/close", tag = "wallets", summary = "Close an empty wallet", params(("id" = String, Path, description = "the object's id")), responses((status = 200, description = "success", body = crate::schemas::Wallet), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json"), (status = "5XX", description = "problem+json: `busy`, `not_ready`, `shutting_down` or `not_leader` (503, retry after Retry-After), `provider_unavailable` (502) or `internal` (500)", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn close_wallet(AxumState(app): App, headers: HeaderMap, Path(id): Path<String>) -> ApiResult {
     set_status(app, headers, id, WalletStatus::Closed, false).await
 }
@@ -736,7 +737,7 @@ struct WalletSettings {
     low_balance_threshold: Option<String>,
 }
 
-#[utoipa::path(put, path = "/v1/wallets/{id}/settings", tag = "wallets", summary = "Set the low-balance threshold", params(("id" = String, Path, description = "the object's id")), request_body = WalletSettings, responses((status = 200, description = "success, as JSON"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
+#[utoipa::path(put, path = "/v1/wallets/{id}/settings", tag = "wallets", summary = "Set the low-balance threshold", params(("id" = String, Path, description = "the object's id")), request_body = WalletSettings, responses((status = 200, description = "success", body = crate::schemas::Wallet), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json"), (status = "5XX", description = "problem+json: `busy`, `not_ready`, `shutting_down` or `not_leader` (503, retry after Retry-After), `provider_unavailable` (502) or `internal` (500)", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn wallet_settings(
     AxumState(app): App,
     headers: HeaderMap,
@@ -790,7 +791,7 @@ struct Adjustment {
     reason: String,
 }
 
-#[utoipa::path(post, path = "/v1/wallets/{id}/adjustments", tag = "money", summary = "Admin credit or debit (Idempotency-Key required)", params(("id" = String, Path, description = "the object's id"), ("Idempotency-Key" = String, Header, description = "the client's name for this operation; required")), request_body = Adjustment, responses((status = 201, description = "success, as JSON"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
+#[utoipa::path(post, path = "/v1/wallets/{id}/adjustments", tag = "money", summary = "Admin credit or debit (Idempotency-Key required)", params(("id" = String, Path, description = "the object's id"), ("Idempotency-Key" = String, Header, description = "the client's name for this operation; required")), request_body = Adjustment, responses((status = 201, description = "success", body = crate::schemas::Operation), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json"), (status = "5XX", description = "problem+json: `busy`, `not_ready`, `shutting_down` or `not_leader` (503, retry after Retry-After), `provider_unavailable` (502) or `internal` (500)", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn adjust(
     AxumState(app): App,
     headers: HeaderMap,
@@ -836,7 +837,7 @@ struct CreateGrant {
     reason: String,
 }
 
-#[utoipa::path(post, path = "/v1/wallets/{id}/grants", tag = "grants", summary = "Grant credit (admin, Idempotency-Key required)", params(("id" = String, Path, description = "the object's id"), ("Idempotency-Key" = String, Header, description = "the client's name for this operation; required")), request_body = CreateGrant, responses((status = 201, description = "success, as JSON"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
+#[utoipa::path(post, path = "/v1/wallets/{id}/grants", tag = "grants", summary = "Grant credit (admin, Idempotency-Key required)", params(("id" = String, Path, description = "the object's id"), ("Idempotency-Key" = String, Header, description = "the client's name for this operation; required")), request_body = CreateGrant, responses((status = 201, description = "success", body = crate::schemas::GrantCreated), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json"), (status = "5XX", description = "problem+json: `busy`, `not_ready`, `shutting_down` or `not_leader` (503, retry after Retry-After), `provider_unavailable` (502) or `internal` (500)", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn create_grant(
     AxumState(app): App,
     headers: HeaderMap,
@@ -875,14 +876,14 @@ async fn create_grant(
     run_money(&app, &caller, &headers, action).await
 }
 
-#[utoipa::path(get, path = "/v1/wallets/{id}/grants", tag = "grants", summary = "A wallet's live grants", params(("id" = String, Path, description = "the object's id")), responses((status = 200, description = "success, as JSON"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
+#[utoipa::path(get, path = "/v1/wallets/{id}/grants", tag = "grants", summary = "A wallet's live grants", params(("id" = String, Path, description = "the object's id")), responses((status = 200, description = "success", body = crate::schemas::GrantList), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json"), (status = "5XX", description = "problem+json: `busy`, `not_ready`, `shutting_down` or `not_leader` (503, retry after Retry-After), `provider_unavailable` (502) or `internal` (500)", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn list_grants(AxumState(app): App, headers: HeaderMap, Path(id): Path<String>) -> ApiResult {
     let caller = caller(&app, &headers)?;
     let (_, view, _, _) = owned_wallet(&app, &caller, &id).await?;
     Ok(ok(json!({"object": "list", "data": view["grants"]})))
 }
 
-#[utoipa::path(post, path = "/v1/grants/{id}/void", tag = "grants", summary = "Void a grant's unspent remainder (admin, Idempotency-Key required)", params(("id" = String, Path, description = "the object's id"), ("Idempotency-Key" = String, Header, description = "the client's name for this operation; required")), responses((status = 200, description = "success, as JSON"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
+#[utoipa::path(post, path = "/v1/grants/{id}/void", tag = "grants", summary = "Void a grant's unspent remainder (admin, Idempotency-Key required)", params(("id" = String, Path, description = "the object's id"), ("Idempotency-Key" = String, Header, description = "the client's name for this operation; required")), responses((status = 200, description = "success", body = crate::schemas::GrantVoided), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json"), (status = "5XX", description = "problem+json: `busy`, `not_ready`, `shutting_down` or `not_leader` (503, retry after Retry-After), `provider_unavailable` (502) or `internal` (500)", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn void_grant(AxumState(app): App, headers: HeaderMap, Path(id): Path<String>) -> ApiResult {
     let caller = caller(&app, &headers)?;
     caller.require_admin()?;
@@ -903,7 +904,7 @@ struct PlaceHold {
     description: String,
 }
 
-#[utoipa::path(post, path = "/v1/wallets/{id}/holds", tag = "holds", summary = "Place a hold (Idempotency-Key required)", params(("id" = String, Path, description = "the object's id"), ("Idempotency-Key" = String, Header, description = "the client's name for this operation; required")), request_body = PlaceHold, responses((status = 201, description = "success, as JSON"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
+#[utoipa::path(post, path = "/v1/wallets/{id}/holds", tag = "holds", summary = "Place a hold (Idempotency-Key required)", params(("id" = String, Path, description = "the object's id"), ("Idempotency-Key" = String, Header, description = "the client's name for this operation; required")), request_body = PlaceHold, responses((status = 201, description = "success", body = crate::schemas::HoldPlaced), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json"), (status = "5XX", description = "problem+json: `busy`, `not_ready`, `shutting_down` or `not_leader` (503, retry after Retry-After), `provider_unavailable` (502) or `internal` (500)", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn place_hold(
     AxumState(app): App,
     headers: HeaderMap,
@@ -924,7 +925,7 @@ async fn place_hold(
     run_money(&app, &caller, &headers, action).await
 }
 
-#[utoipa::path(get, path = "/v1/wallets/{id}/holds", tag = "holds", summary = "A wallet's active holds", params(("id" = String, Path, description = "the object's id")), responses((status = 200, description = "success, as JSON"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
+#[utoipa::path(get, path = "/v1/wallets/{id}/holds", tag = "holds", summary = "A wallet's active holds", params(("id" = String, Path, description = "the object's id")), responses((status = 200, description = "success", body = crate::schemas::HoldList), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json"), (status = "5XX", description = "problem+json: `busy`, `not_ready`, `shutting_down` or `not_leader` (503, retry after Retry-After), `provider_unavailable` (502) or `internal` (500)", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn list_holds(AxumState(app): App, headers: HeaderMap, Path(id): Path<String>) -> ApiResult {
     let caller = caller(&app, &headers)?;
     let (wallet, _, _, currency) = owned_wallet(&app, &caller, &id).await?;
@@ -952,7 +953,7 @@ async fn owned_hold(app: &AppState, caller: &Caller, id: &str) -> Result<(HoldId
     }
 }
 
-#[utoipa::path(get, path = "/v1/holds/{id}", tag = "holds", summary = "Get a hold: an active one, or how a resolved one ended (captured, released, expired)", params(("id" = String, Path, description = "the object's id")), responses((status = 200, description = "success, as JSON"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
+#[utoipa::path(get, path = "/v1/holds/{id}", tag = "holds", summary = "Get a hold: an active one, or how a resolved one ended (captured, released, expired)", params(("id" = String, Path, description = "the object's id")), responses((status = 200, description = "success", body = crate::schemas::AnyHold), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json"), (status = "5XX", description = "problem+json: `busy`, `not_ready`, `shutting_down` or `not_leader` (503, retry after Retry-After), `provider_unavailable` (502) or `internal` (500)", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn get_hold(AxumState(app): App, headers: HeaderMap, Path(id): Path<String>) -> ApiResult {
     let caller = caller(&app, &headers)?;
     match owned_hold(&app, &caller, &id).await {
@@ -1004,7 +1005,7 @@ struct CaptureHold {
     fee_amount: Option<String>,
 }
 
-#[utoipa::path(post, path = "/v1/holds/{id}/capture", tag = "holds", summary = "Capture all or part of a hold (Idempotency-Key required)", params(("id" = String, Path, description = "the object's id"), ("Idempotency-Key" = String, Header, description = "the client's name for this operation; required")), request_body = CaptureHold, responses((status = 200, description = "success, as JSON"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
+#[utoipa::path(post, path = "/v1/holds/{id}/capture", tag = "holds", summary = "Capture all or part of a hold (Idempotency-Key required)", params(("id" = String, Path, description = "the object's id"), ("Idempotency-Key" = String, Header, description = "the client's name for this operation; required")), request_body = CaptureHold, responses((status = 200, description = "success", body = crate::schemas::HoldCaptured), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json"), (status = "5XX", description = "problem+json: `busy`, `not_ready`, `shutting_down` or `not_leader` (503, retry after Retry-After), `provider_unavailable` (502) or `internal` (500)", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn capture_hold(
     AxumState(app): App,
     headers: HeaderMap,
@@ -1024,7 +1025,7 @@ async fn capture_hold(
     run_money(&app, &caller, &headers, MoneyAction::CaptureHold { hold, amount, to, fee }).await
 }
 
-#[utoipa::path(post, path = "/v1/holds/{id}/release", tag = "holds", summary = "Release a hold (Idempotency-Key required)", params(("id" = String, Path, description = "the object's id"), ("Idempotency-Key" = String, Header, description = "the client's name for this operation; required")), responses((status = 200, description = "success, as JSON"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
+#[utoipa::path(post, path = "/v1/holds/{id}/release", tag = "holds", summary = "Release a hold (Idempotency-Key required)", params(("id" = String, Path, description = "the object's id"), ("Idempotency-Key" = String, Header, description = "the client's name for this operation; required")), responses((status = 200, description = "success", body = crate::schemas::HoldReleased), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json"), (status = "5XX", description = "problem+json: `busy`, `not_ready`, `shutting_down` or `not_leader` (503, retry after Retry-After), `provider_unavailable` (502) or `internal` (500)", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn release_hold(AxumState(app): App, headers: HeaderMap, Path(id): Path<String>) -> ApiResult {
     let caller = caller(&app, &headers)?;
     let hold = parse_id("hold", &id, HoldId::parse)?;
@@ -1043,7 +1044,7 @@ struct Transfer {
     description: String,
 }
 
-#[utoipa::path(post, path = "/v1/transfers", tag = "money", summary = "Transfer between wallets (Idempotency-Key required)", params(("Idempotency-Key" = String, Header, description = "the client's name for this operation; required")), request_body = Transfer, responses((status = 201, description = "success, as JSON"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
+#[utoipa::path(post, path = "/v1/transfers", tag = "money", summary = "Transfer between wallets (Idempotency-Key required)", params(("Idempotency-Key" = String, Header, description = "the client's name for this operation; required")), request_body = Transfer, responses((status = 201, description = "success", body = crate::schemas::Operation), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json"), (status = "5XX", description = "problem+json: `busy`, `not_ready`, `shutting_down` or `not_leader` (503, retry after Retry-After), `provider_unavailable` (502) or `internal` (500)", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn transfer(AxumState(app): App, headers: HeaderMap, ApiJson(body): ApiJson<Transfer>) -> ApiResult {
     let caller = caller(&app, &headers)?;
     // The paying wallet must be the caller's (the writer checks it); the receiving one
@@ -1070,7 +1071,7 @@ struct MovementQuery {
     until: Option<String>,
 }
 
-#[utoipa::path(get, path = "/v1/wallets/{id}/movements", tag = "history", summary = "A wallet's movements, newest first", params(("id" = String, Path, description = "the wallet's id"), ("limit" = Option<u32>, Query, description = "page size, at most 500"), ("before" = Option<String>, Query, description = "cursor: an operation id"), ("kind" = Option<String>, Query, description = "operation kinds, comma-separated"), ("from" = Option<String>, Query, description = "RFC 3339, inclusive"), ("until" = Option<String>, Query, description = "RFC 3339, exclusive")), responses((status = 200, description = "success, as JSON"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
+#[utoipa::path(get, path = "/v1/wallets/{id}/movements", tag = "history", summary = "A wallet's movements, newest first", params(("id" = String, Path, description = "the wallet's id"), ("limit" = Option<u32>, Query, description = "page size, at most 500"), ("before" = Option<String>, Query, description = "cursor: an operation id"), ("kind" = Option<String>, Query, description = "operation kinds, comma-separated"), ("from" = Option<String>, Query, description = "RFC 3339, inclusive"), ("until" = Option<String>, Query, description = "RFC 3339, exclusive")), responses((status = 200, description = "success", body = crate::schemas::MovementList), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json"), (status = "5XX", description = "problem+json: `busy`, `not_ready`, `shutting_down` or `not_leader` (503, retry after Retry-After), `provider_unavailable` (502) or `internal` (500)", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn movements(
     AxumState(app): App,
     headers: HeaderMap,
@@ -1119,7 +1120,7 @@ async fn movements(
     Ok(ok(json!({"object": "list", "data": data, "next_cursor": next})))
 }
 
-#[utoipa::path(get, path = "/v1/operations/{id}", tag = "history", summary = "One operation with all its legs", params(("id" = String, Path, description = "the object's id")), responses((status = 200, description = "success, as JSON"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
+#[utoipa::path(get, path = "/v1/operations/{id}", tag = "history", summary = "One operation with all its legs", params(("id" = String, Path, description = "the object's id")), responses((status = 200, description = "success", body = crate::schemas::Operation), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json"), (status = "5XX", description = "problem+json: `busy`, `not_ready`, `shutting_down` or `not_leader` (503, retry after Retry-After), `provider_unavailable` (502) or `internal` (500)", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn get_operation(AxumState(app): App, headers: HeaderMap, Path(id): Path<String>) -> ApiResult {
     let caller = caller(&app, &headers)?;
     let id = parse_id("operation", &id, OperationId::parse)?;
@@ -1174,7 +1175,7 @@ fn key_view(record: &tally_store::ApiKeyRecord) -> Value {
     })
 }
 
-#[utoipa::path(post, path = "/v1/api-keys", tag = "api_keys", summary = "Create an API key; its secret is shown once (admin)", request_body = CreateKey, responses((status = 201, description = "success, as JSON"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
+#[utoipa::path(post, path = "/v1/api-keys", tag = "api_keys", summary = "Create an API key; its secret is shown once (admin)", request_body = CreateKey, responses((status = 201, description = "success", body = crate::schemas::ApiKey), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json"), (status = "5XX", description = "problem+json: `busy`, `not_ready`, `shutting_down` or `not_leader` (503, retry after Retry-After), `provider_unavailable` (502) or `internal` (500)", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn create_api_key(AxumState(app): App, headers: HeaderMap, ApiJson(body): ApiJson<CreateKey>) -> ApiResult {
     caller(&app, &headers)?.require_admin()?;
     let organization = match body.organization.as_deref() {
@@ -1214,13 +1215,13 @@ async fn create_api_key(AxumState(app): App, headers: HeaderMap, ApiJson(body): 
     Ok(created(view))
 }
 
-#[utoipa::path(get, path = "/v1/api-keys", tag = "api_keys", summary = "List API keys, prefix and metadata only (admin)", responses((status = 200, description = "success, as JSON"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
+#[utoipa::path(get, path = "/v1/api-keys", tag = "api_keys", summary = "List API keys, prefix and metadata only (admin)", responses((status = 200, description = "success", body = crate::schemas::ApiKeyList), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json"), (status = "5XX", description = "problem+json: `busy`, `not_ready`, `shutting_down` or `not_leader` (503, retry after Retry-After), `provider_unavailable` (502) or `internal` (500)", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn list_api_keys(AxumState(app): App, headers: HeaderMap) -> ApiResult {
     caller(&app, &headers)?.require_admin()?;
     Ok(ok(json!({"object": "list", "data": app.keys.list().iter().map(key_view).collect::<Vec<_>>()})))
 }
 
-#[utoipa::path(delete, path = "/v1/api-keys/{id}", tag = "api_keys", summary = "Revoke an API key (admin)", params(("id" = String, Path, description = "the object's id")), responses((status = 204, description = "success, as JSON"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
+#[utoipa::path(delete, path = "/v1/api-keys/{id}", tag = "api_keys", summary = "Revoke an API key (admin)", params(("id" = String, Path, description = "the object's id")), responses((status = 204, description = "revoked; no body"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json"), (status = "5XX", description = "problem+json: `busy`, `not_ready`, `shutting_down` or `not_leader` (503, retry after Retry-After), `provider_unavailable` (502) or `internal` (500)", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn revoke_api_key(AxumState(app): App, headers: HeaderMap, Path(id): Path<String>) -> ApiResult {
     caller(&app, &headers)?.require_admin()?;
     let id: u64 = id.strip_prefix("key_").and_then(|n| n.parse().ok()).ok_or_else(ApiError::not_found)?;

@@ -231,7 +231,7 @@ pub async fn track(AxumState(app): App, request: Request, next: Next) -> Respons
     response
 }
 
-#[utoipa::path(get, path = "/metrics", tag = "health", summary = "Metrics in the Prometheus (OpenMetrics) text format", responses((status = 200, description = "OpenMetrics text"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")))]
+#[utoipa::path(get, path = "/metrics", tag = "health", summary = "Metrics in the Prometheus (OpenMetrics) text format", responses((status = 200, description = "OpenMetrics text", body = String, content_type = "application/openmetrics-text; version=1.0.0; charset=utf-8"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json"), (status = "5XX", description = "problem+json: `busy`, `not_ready`, `shutting_down` or `not_leader` (503, retry after Retry-After), `provider_unavailable` (502) or `internal` (500)", body = crate::error::Problem, content_type = "application/problem+json")))]
 pub async fn metrics(AxumState(app): App) -> Response {
     let mut response = (StatusCode::OK, app.metrics.render()).into_response();
     response.headers_mut().insert(

@@ -14,6 +14,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use std::time::SystemTime;
 use tally_ledger::payments::{PaymentStatus, ProviderOutcome};
 use tally_ledger::payouts::*;
+use utoipa::ToSchema;
 use utoipa_axum::routes;
 
 /// Most payouts one listing returns.
@@ -319,6 +320,84 @@ fn payout_view(payout: &Payout) -> Value {
     })
 }
 
+// ---- response shapes (OpenAPI only) ----
+//
+// The fields `verification_view`, `bank_account_view` and `payout_view` send, and the
+// schedule and minimum answers. Amounts are decimal strings in the major unit, times
+// RFC 3339.
+
+/// An organization's verification, which payouts need.
+#[derive(ToSchema)]
+pub struct OrganizationVerification {
+    /// Always `verification`.
+    pub object: String,
+    pub organization: String,
+    /// `unverified`, `pending`, `verified` or `rejected`.
+    pub status: String,
+    /// Why it was rejected; null otherwise.
+    pub reason: Option<String>,
+    /// When the status last changed; null while never submitted.
+    pub updated_at: Option<String>,
+}
+
+/// An external bank account payouts go to, masked: only its last four characters.
+#[derive(ToSchema)]
+#[schema(as = BankAccount)]
+pub struct BankAccountShape {
+    /// `ba_…`
+    pub id: String,
+    /// Always `bank_account`.
+    pub object: String,
+    pub organization: String,
+    /// ISO 3166-1 alpha-2.
+    pub country: String,
+    pub currency: String,
+    pub holder_name: String,
+    /// The last four characters of the IBAN or account number.
+    pub last4: String,
+    /// `new`, `pending_verification` (test deposits sent), `verified`, `failed` or `removed`.
+    pub status: String,
+    /// Wrong test deposit confirmations so far (three fail the account).
+    pub failed_attempts: u32,
+    pub created_at: String,
+    /// Sandbox only (servers configured to show them), while test deposits are pending:
+    /// the two amounts sent. Absent otherwise.
+    pub sandbox_test_deposits: Option<Vec<String>>,
+}
+crate::schemas::list!(BankAccountList, BankAccountShape, "An organization's bank accounts (not removed).");
+
+/// A payout from a wallet to a bank account.
+#[derive(ToSchema)]
+#[schema(as = Payout)]
+pub struct PayoutShape {
+    /// `po_…`
+    pub id: String,
+    /// Always `payout`.
+    pub object: String,
+    pub wallet: String,
+    pub organization: String,
+    pub bank_account: String,
+    pub currency: String,
+    pub amount: String,
+    /// `in_transit` (until the rail answers), `paid` or `failed` (the money is back in
+    /// the wallet).
+    pub status: String,
+    /// Started by the wallet's payout schedule.
+    pub scheduled: bool,
+    pub created_at: String,
+    /// When it was paid or failed; null while in transit.
+    pub settled_at: Option<String>,
+    /// The rail's id of the transfer, once paid.
+    pub rail_reference: Option<String>,
+    pub failure_code: Option<String>,
+    pub failure_message: Option<String>,
+    /// The operation that took the money out of the wallet (into transit).
+    pub operation: String,
+    /// The operation that put the money back when the payout failed.
+    pub return_operation: Option<String>,
+}
+crate::schemas::list!(PayoutList, PayoutShape, "Payouts, newest first.");
+
 pub(crate) fn routes() -> utoipa_axum::router::OpenApiRouter<Arc<AppState>> {
     utoipa_axum::router::OpenApiRouter::new()
         .routes(routes!(get_verification))
@@ -354,7 +433,7 @@ async fn own_organization(app: &AppState, caller: &Caller, id: &str) -> Result<O
 
 // ---- verification ----
 
-#[utoipa::path(get, path = "/v1/organizations/{id}/verification", tag = "payouts", summary = "An organization's verification status (its changes are events: GET /v1/events?object=org_...)", params(("id" = String, Path, description = "organization id")), responses((status = 200, description = "success, as JSON"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
+#[utoipa::path(get, path = "/v1/organizations/{id}/verification", tag = "payouts", summary = "An organization's verification status (its changes are events: GET /v1/events?object=org_...)", params(("id" = String, Path, description = "organization id")), responses((status = 200, description = "the organization's verification", body = OrganizationVerification), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json"), (status = "5XX", description = "problem+json: `busy`, `not_ready`, `shutting_down` or `not_leader` (503, retry after Retry-After), `provider_unavailable` (502) or `internal` (500)", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn get_verification(AxumState(app): App, headers: HeaderMap, Path(id): Path<String>) -> ApiResult {
     let caller = caller(&app, &headers)?;
     let organization = own_organization(&app, &caller, &id).await?;
@@ -369,7 +448,7 @@ async fn verification_answer(app: &AppState, command: PayoutCommand) -> ApiResul
     Ok(ok(verification_view(organization, &verification)))
 }
 
-#[utoipa::path(post, path = "/v1/organizations/{id}/verification/submit", tag = "payouts", summary = "Submit the organization's details for verification (needs billing details): pending", params(("id" = String, Path, description = "organization id")), responses((status = 200, description = "success, as JSON"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
+#[utoipa::path(post, path = "/v1/organizations/{id}/verification/submit", tag = "payouts", summary = "Submit the organization's details for verification (needs billing details): pending", params(("id" = String, Path, description = "organization id")), responses((status = 200, description = "the verification, now pending", body = OrganizationVerification), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json"), (status = "5XX", description = "problem+json: `busy`, `not_ready`, `shutting_down` or `not_leader` (503, retry after Retry-After), `provider_unavailable` (502) or `internal` (500)", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn submit_verification(AxumState(app): App, headers: HeaderMap, Path(id): Path<String>) -> ApiResult {
     let caller = caller(&app, &headers)?;
     caller.require_scope(crate::Scope::Payouts)?;
@@ -377,7 +456,7 @@ async fn submit_verification(AxumState(app): App, headers: HeaderMap, Path(id): 
     verification_answer(&app, PayoutCommand::SubmitVerification { organization }).await
 }
 
-#[utoipa::path(post, path = "/v1/organizations/{id}/verification/approve", tag = "payouts", summary = "Approve a pending verification (platform)", params(("id" = String, Path, description = "organization id")), responses((status = 200, description = "success, as JSON"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
+#[utoipa::path(post, path = "/v1/organizations/{id}/verification/approve", tag = "payouts", summary = "Approve a pending verification (platform)", params(("id" = String, Path, description = "organization id")), responses((status = 200, description = "the verification, now verified", body = OrganizationVerification), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json"), (status = "5XX", description = "problem+json: `busy`, `not_ready`, `shutting_down` or `not_leader` (503, retry after Retry-After), `provider_unavailable` (502) or `internal` (500)", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn approve_verification(AxumState(app): App, headers: HeaderMap, Path(id): Path<String>) -> ApiResult {
     let caller = caller(&app, &headers)?;
     caller.require_admin()?;
@@ -392,7 +471,7 @@ struct Reject {
     reason: String,
 }
 
-#[utoipa::path(post, path = "/v1/organizations/{id}/verification/reject", tag = "payouts", summary = "Reject a pending verification with a reason (platform)", request_body = Reject, params(("id" = String, Path, description = "organization id")), responses((status = 200, description = "success, as JSON"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
+#[utoipa::path(post, path = "/v1/organizations/{id}/verification/reject", tag = "payouts", summary = "Reject a pending verification with a reason (platform)", request_body = Reject, params(("id" = String, Path, description = "organization id")), responses((status = 200, description = "the verification, now rejected", body = OrganizationVerification), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json"), (status = "5XX", description = "problem+json: `busy`, `not_ready`, `shutting_down` or `not_leader` (503, retry after Retry-After), `provider_unavailable` (502) or `internal` (500)", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn reject_verification(
     AxumState(app): App,
     headers: HeaderMap,
@@ -425,7 +504,7 @@ struct AddBankAccount {
     account_number: Option<String>,
 }
 
-#[utoipa::path(post, path = "/v1/organizations/{id}/bank-accounts", tag = "payouts", summary = "Add an external bank account (IBAN, or US routing and account number); stored masked", request_body = AddBankAccount, params(("id" = String, Path, description = "organization id")), responses((status = 201, description = "success, as JSON"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
+#[utoipa::path(post, path = "/v1/organizations/{id}/bank-accounts", tag = "payouts", summary = "Add an external bank account (IBAN, or US routing and account number); stored masked", request_body = AddBankAccount, params(("id" = String, Path, description = "organization id")), responses((status = 201, description = "the bank account added", body = BankAccountShape), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json"), (status = "5XX", description = "problem+json: `busy`, `not_ready`, `shutting_down` or `not_leader` (503, retry after Retry-After), `provider_unavailable` (502) or `internal` (500)", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn add_bank_account(
     AxumState(app): App,
     headers: HeaderMap,
@@ -453,7 +532,7 @@ async fn add_bank_account(
     Ok(created(bank_account_view(&account, service.show_test_deposits)))
 }
 
-#[utoipa::path(get, path = "/v1/organizations/{id}/bank-accounts", tag = "payouts", summary = "An organization's bank accounts", params(("id" = String, Path, description = "organization id")), responses((status = 200, description = "success, as JSON"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
+#[utoipa::path(get, path = "/v1/organizations/{id}/bank-accounts", tag = "payouts", summary = "An organization's bank accounts", params(("id" = String, Path, description = "organization id")), responses((status = 200, description = "the organization's bank accounts", body = BankAccountList), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json"), (status = "5XX", description = "problem+json: `busy`, `not_ready`, `shutting_down` or `not_leader` (503, retry after Retry-After), `provider_unavailable` (502) or `internal` (500)", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn list_bank_accounts(AxumState(app): App, headers: HeaderMap, Path(id): Path<String>) -> ApiResult {
     let caller = caller(&app, &headers)?;
     let show = service(&app)?.show_test_deposits;
@@ -493,7 +572,7 @@ async fn account_answer(app: &AppState, command: PayoutCommand) -> ApiResult {
     Ok(ok(bank_account_view(&account, show)))
 }
 
-#[utoipa::path(post, path = "/v1/bank-accounts/{id}/test-deposits", tag = "payouts", summary = "Send two small test deposits to verify the account", params(("id" = String, Path, description = "bank account id")), responses((status = 200, description = "success, as JSON"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
+#[utoipa::path(post, path = "/v1/bank-accounts/{id}/test-deposits", tag = "payouts", summary = "Send two small test deposits to verify the account", params(("id" = String, Path, description = "bank account id")), responses((status = 200, description = "the bank account, pending verification", body = BankAccountShape), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json"), (status = "5XX", description = "problem+json: `busy`, `not_ready`, `shutting_down` or `not_leader` (503, retry after Retry-After), `provider_unavailable` (502) or `internal` (500)", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn send_test_deposits(AxumState(app): App, headers: HeaderMap, Path(id): Path<String>) -> ApiResult {
     let caller = caller(&app, &headers)?;
     caller.require_scope(crate::Scope::Payouts)?;
@@ -509,7 +588,7 @@ struct ConfirmDeposits {
     amounts: Vec<String>,
 }
 
-#[utoipa::path(post, path = "/v1/bank-accounts/{id}/test-deposits/confirm", tag = "payouts", summary = "Confirm the two test deposits' amounts (three wrong answers fail the account)", request_body = ConfirmDeposits, params(("id" = String, Path, description = "bank account id")), responses((status = 200, description = "success, as JSON"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
+#[utoipa::path(post, path = "/v1/bank-accounts/{id}/test-deposits/confirm", tag = "payouts", summary = "Confirm the two test deposits' amounts (three wrong answers fail the account)", request_body = ConfirmDeposits, params(("id" = String, Path, description = "bank account id")), responses((status = 200, description = "the bank account: verified, still pending after a wrong answer, or failed after three", body = BankAccountShape), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json"), (status = "5XX", description = "problem+json: `busy`, `not_ready`, `shutting_down` or `not_leader` (503, retry after Retry-After), `provider_unavailable` (502) or `internal` (500)", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn confirm_test_deposits(
     AxumState(app): App,
     headers: HeaderMap,
@@ -535,7 +614,7 @@ async fn confirm_test_deposits(
     account_answer(&app, PayoutCommand::ConfirmDeposits { account, deposits }).await
 }
 
-#[utoipa::path(post, path = "/v1/bank-accounts/{id}/verify", tag = "payouts", summary = "Verify a bank account directly (platform)", params(("id" = String, Path, description = "bank account id")), responses((status = 200, description = "success, as JSON"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
+#[utoipa::path(post, path = "/v1/bank-accounts/{id}/verify", tag = "payouts", summary = "Verify a bank account directly (platform)", params(("id" = String, Path, description = "bank account id")), responses((status = 200, description = "the bank account, now verified", body = BankAccountShape), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json"), (status = "5XX", description = "problem+json: `busy`, `not_ready`, `shutting_down` or `not_leader` (503, retry after Retry-After), `provider_unavailable` (502) or `internal` (500)", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn verify_bank_account(AxumState(app): App, headers: HeaderMap, Path(id): Path<String>) -> ApiResult {
     let caller = caller(&app, &headers)?;
     caller.require_admin()?;
@@ -543,7 +622,7 @@ async fn verify_bank_account(AxumState(app): App, headers: HeaderMap, Path(id): 
     account_answer(&app, PayoutCommand::VerifyBankAccount { account }).await
 }
 
-#[utoipa::path(delete, path = "/v1/bank-accounts/{id}", tag = "payouts", summary = "Remove a bank account", params(("id" = String, Path, description = "bank account id")), responses((status = 200, description = "success, as JSON"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
+#[utoipa::path(delete, path = "/v1/bank-accounts/{id}", tag = "payouts", summary = "Remove a bank account", params(("id" = String, Path, description = "bank account id")), responses((status = 200, description = "the bank account, now removed", body = BankAccountShape), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json"), (status = "5XX", description = "problem+json: `busy`, `not_ready`, `shutting_down` or `not_leader` (503, retry after Retry-After), `provider_unavailable` (502) or `internal` (500)", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn remove_bank_account(AxumState(app): App, headers: HeaderMap, Path(id): Path<String>) -> ApiResult {
     let caller = caller(&app, &headers)?;
     caller.require_scope(crate::Scope::Payouts)?;
@@ -561,7 +640,7 @@ struct CreatePayout {
     bank_account: String,
 }
 
-#[utoipa::path(post, path = "/v1/payouts", tag = "payouts", summary = "Pay out from a wallet to a verified bank account (in transit at once; paid or failed when the rail answers)", request_body = CreatePayout, params(("Idempotency-Key" = String, Header, description = "required")), responses((status = 201, description = "the payout"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
+#[utoipa::path(post, path = "/v1/payouts", tag = "payouts", summary = "Pay out from a wallet to a verified bank account (in transit at once; paid or failed when the rail answers)", request_body = CreatePayout, params(("Idempotency-Key" = String, Header, description = "required")), responses((status = 201, description = "the payout: in transit, or paid or failed when the rail answered at once (also for a replayed Idempotency-Key, with the `Idempotent-Replayed: true` header)", body = PayoutShape), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json"), (status = "5XX", description = "problem+json: `busy`, `not_ready`, `shutting_down` or `not_leader` (503, retry after Retry-After), `provider_unavailable` (502) or `internal` (500)", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn create_payout(AxumState(app): App, headers: HeaderMap, ApiJson(body): ApiJson<CreatePayout>) -> ApiResult {
     let caller = caller(&app, &headers)?;
     caller.require_scope(crate::Scope::Payouts)?;
@@ -588,7 +667,7 @@ struct PayoutQuery {
     organization: Option<String>,
 }
 
-#[utoipa::path(get, path = "/v1/payouts", tag = "payouts", summary = "Payouts, newest first (an organization's own; admins may filter by organization)", params(("organization" = Option<String>, Query, description = "filter by organization")), responses((status = 200, description = "success, as JSON"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
+#[utoipa::path(get, path = "/v1/payouts", tag = "payouts", summary = "Payouts, newest first (an organization's own; admins may filter by organization)", params(("organization" = Option<String>, Query, description = "filter by organization")), responses((status = 200, description = "payouts, newest first", body = PayoutList), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json"), (status = "5XX", description = "problem+json: `busy`, `not_ready`, `shutting_down` or `not_leader` (503, retry after Retry-After), `provider_unavailable` (502) or `internal` (500)", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn list_payouts(AxumState(app): App, headers: HeaderMap, Query(query): Query<PayoutQuery>) -> ApiResult {
     let caller = caller(&app, &headers)?;
     let filter = match (&caller, query.organization.as_deref()) {
@@ -606,7 +685,7 @@ async fn list_payouts(AxumState(app): App, headers: HeaderMap, Query(query): Que
     Ok(ok(json!({"object": "list", "data": data})))
 }
 
-#[utoipa::path(get, path = "/v1/payouts/{id}", tag = "payouts", summary = "A payout", params(("id" = String, Path, description = "payout id")), responses((status = 200, description = "success, as JSON"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
+#[utoipa::path(get, path = "/v1/payouts/{id}", tag = "payouts", summary = "A payout", params(("id" = String, Path, description = "payout id")), responses((status = 200, description = "the payout", body = PayoutShape), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json"), (status = "5XX", description = "problem+json: `busy`, `not_ready`, `shutting_down` or `not_leader` (503, retry after Retry-After), `provider_unavailable` (502) or `internal` (500)", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn get_payout(AxumState(app): App, headers: HeaderMap, Path(id): Path<String>) -> ApiResult {
     let caller = caller(&app, &headers)?;
     let payout = parse_id("payout", &id, PayoutId::parse)?;
@@ -627,7 +706,44 @@ struct ScheduleInput {
     bank_account: String,
 }
 
-#[utoipa::path(put, path = "/v1/wallets/{id}/payout-schedule", tag = "payouts", summary = "Pay out available above a reserve daily or weekly", request_body = ScheduleInput, params(("id" = String, Path, description = "wallet id")), responses((status = 200, description = "success, as JSON"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
+// ---- response shapes (OpenAPI only) ----
+
+/// A wallet's payout schedule.
+#[derive(ToSchema)]
+#[schema(as = PayoutSchedule)]
+pub struct PayoutScheduleShape {
+    /// Always `payout_schedule`.
+    pub object: String,
+    pub wallet: String,
+    /// `daily` or `weekly`.
+    pub interval: String,
+    /// Available balance kept back.
+    pub reserve: String,
+    pub bank_account: String,
+    /// When the next scheduled payout runs.
+    pub next_at: String,
+}
+
+/// The wallet's payout schedule was removed.
+#[derive(ToSchema)]
+pub struct PayoutScheduleDeleted {
+    /// Always `payout_schedule`.
+    pub object: String,
+    pub wallet: String,
+    /// Always true.
+    pub deleted: bool,
+}
+
+/// The smallest payout in a currency.
+#[derive(ToSchema)]
+pub struct PayoutMinimum {
+    /// Always `payout_minimum`.
+    pub object: String,
+    pub amount: String,
+    pub currency: String,
+}
+
+#[utoipa::path(put, path = "/v1/wallets/{id}/payout-schedule", tag = "payouts", summary = "Pay out available above a reserve daily or weekly", request_body = ScheduleInput, params(("id" = String, Path, description = "wallet id")), responses((status = 200, description = "the wallet's payout schedule", body = PayoutScheduleShape), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json"), (status = "5XX", description = "problem+json: `busy`, `not_ready`, `shutting_down` or `not_leader` (503, retry after Retry-After), `provider_unavailable` (502) or `internal` (500)", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn set_schedule(
     AxumState(app): App,
     headers: HeaderMap,
@@ -659,7 +775,7 @@ async fn set_schedule(
     Ok(ok(view.unwrap_or(Value::Null)))
 }
 
-#[utoipa::path(delete, path = "/v1/wallets/{id}/payout-schedule", tag = "payouts", summary = "Stop scheduled payouts", params(("id" = String, Path, description = "wallet id")), responses((status = 200, description = "success, as JSON"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
+#[utoipa::path(delete, path = "/v1/wallets/{id}/payout-schedule", tag = "payouts", summary = "Stop scheduled payouts", params(("id" = String, Path, description = "wallet id")), responses((status = 200, description = "the schedule was removed", body = PayoutScheduleDeleted), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json"), (status = "5XX", description = "problem+json: `busy`, `not_ready`, `shutting_down` or `not_leader` (503, retry after Retry-After), `provider_unavailable` (502) or `internal` (500)", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn delete_schedule(AxumState(app): App, headers: HeaderMap, Path(id): Path<String>) -> ApiResult {
     let caller = caller(&app, &headers)?;
     caller.require_scope(crate::Scope::Payouts)?;
@@ -675,7 +791,7 @@ struct MinimumInput {
     currency: String,
 }
 
-#[utoipa::path(put, path = "/v1/payout-minimums", tag = "payouts", summary = "The smallest payout in a currency (platform)", request_body = MinimumInput, responses((status = 200, description = "success, as JSON"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
+#[utoipa::path(put, path = "/v1/payout-minimums", tag = "payouts", summary = "The smallest payout in a currency (platform)", request_body = MinimumInput, responses((status = 200, description = "the minimum as set", body = PayoutMinimum), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json"), (status = "5XX", description = "problem+json: `busy`, `not_ready`, `shutting_down` or `not_leader` (503, retry after Retry-After), `provider_unavailable` (502) or `internal` (500)", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn set_minimum(AxumState(app): App, headers: HeaderMap, ApiJson(body): ApiJson<MinimumInput>) -> ApiResult {
     let caller = caller(&app, &headers)?;
     caller.require_admin()?;

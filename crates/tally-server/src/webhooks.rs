@@ -9,6 +9,7 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use std::net::{IpAddr, SocketAddr};
 use tally_store::webhooks::{Attempt, DueDelivery, Endpoint, WebhookStore};
+use utoipa::ToSchema;
 use utoipa_axum::routes;
 
 /// How often the dispatcher looks for new events and due deliveries when idle.
@@ -450,7 +451,7 @@ fn event_id(field: &str, text: &str) -> Result<u64, ApiError> {
         .ok_or_else(|| ApiError::invalid(field, "an event id (evt_...)"))
 }
 
-#[utoipa::path(get, path = "/v1/events", tag = "events", summary = "Events, oldest first after the cursor; an organization sees its own", params(("after" = Option<String>, Query, description = "cursor: the last event id seen"), ("limit" = Option<u32>, Query, description = "page size, at most 500"), ("type" = Option<String>, Query, description = "event types, comma-separated"), ("object" = Option<String>, Query, description = "the affected object's id"), ("from" = Option<String>, Query, description = "RFC 3339, inclusive"), ("until" = Option<String>, Query, description = "RFC 3339, exclusive")), responses((status = 200, description = "success, as JSON"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
+#[utoipa::path(get, path = "/v1/events", tag = "events", summary = "Events, oldest first after the cursor; an organization sees its own", params(("after" = Option<String>, Query, description = "cursor: the last event id seen"), ("limit" = Option<u32>, Query, description = "page size, at most 500"), ("type" = Option<String>, Query, description = "event types, comma-separated"), ("object" = Option<String>, Query, description = "the affected object's id"), ("from" = Option<String>, Query, description = "RFC 3339, inclusive"), ("until" = Option<String>, Query, description = "RFC 3339, exclusive")), responses((status = 200, description = "a page of events", body = EventList), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json"), (status = "5XX", description = "problem+json: `busy`, `not_ready`, `shutting_down` or `not_leader` (503, retry after Retry-After), `provider_unavailable` (502) or `internal` (500)", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn list_events(AxumState(app): App, headers: HeaderMap, Query(query): Query<EventQuery>) -> ApiResult {
     let caller = caller(&app, &headers)?;
     let parse_time = |field: &str, value: &Option<String>| -> Result<Option<Timestamp>, ApiError> {
@@ -506,6 +507,133 @@ fn endpoint_view(endpoint: &Endpoint) -> Value {
     })
 }
 
+// ---- response shapes (OpenAPI only) ----
+//
+// The fields `list_events`, `endpoint_view` and the delivery answers send.
+
+/// Something that happened, as webhooks deliver it.
+#[allow(dead_code)]
+#[derive(ToSchema)]
+#[schema(as = Event)]
+pub struct EventShape {
+    /// `evt_…`, increasing.
+    pub id: String,
+    /// Always `event`.
+    pub object: String,
+    /// The event type, for example `operation.created` or `balance.low`.
+    pub r#type: String,
+    /// The organization it concerns; null for platform-wide events.
+    pub organization: Option<String>,
+    /// The id of the object it is about.
+    pub object_id: String,
+    /// When it happened, in Unix milliseconds.
+    pub created_at_ms: i64,
+    /// The event's object as it was then; its shape depends on `type`.
+    pub data: Value,
+}
+crate::schemas::list!(EventList, EventShape, "A page of events, oldest first; `next_cursor` goes in `after`.");
+
+/// Where Tally sends webhooks.
+#[allow(dead_code)]
+#[derive(ToSchema)]
+#[schema(as = WebhookEndpoint)]
+pub struct EndpointShape {
+    /// `whe_…`
+    pub id: String,
+    /// Always `webhook_endpoint`.
+    pub object: String,
+    /// Null: a platform endpoint, which receives every organization's events.
+    pub organization: Option<String>,
+    pub url: String,
+    /// Event types delivered, or `["*"]` for all.
+    pub event_types: Vec<String>,
+    pub enabled: bool,
+    /// Why it is disabled (by its owner, or after failing for the whole retry window).
+    pub disabled_reason: Option<String>,
+    pub created_at: String,
+    /// Only in the answers that create the endpoint or rotate its secret: the signing
+    /// secret (`whsec_…`), shown once.
+    #[schema(nullable = false)]
+    pub secret: Option<String>,
+    /// Only in the answer that rotates the secret: until when the previous secret
+    /// still signs beside the new one.
+    #[schema(nullable = false)]
+    pub previous_secret_expires_at: Option<String>,
+}
+/// Webhook endpoints (not paged).
+#[allow(dead_code)]
+#[derive(ToSchema)]
+pub struct WebhookEndpointList {
+    /// Always `list`.
+    pub object: String,
+    pub data: Vec<EndpointShape>,
+}
+
+/// The answer that deletes an endpoint.
+#[allow(dead_code)]
+#[derive(ToSchema)]
+pub struct WebhookEndpointDeleted {
+    pub id: String,
+    /// Always `webhook_endpoint`.
+    pub object: String,
+    /// Always true.
+    pub deleted: bool,
+}
+
+/// One attempt to deliver an event.
+#[allow(dead_code)]
+#[derive(ToSchema)]
+#[schema(as = WebhookAttempt)]
+pub struct AttemptShape {
+    pub at: String,
+    /// The receiver's HTTP status; null when no answer came (connection failure, timeout).
+    pub status: Option<u16>,
+    pub latency_ms: u64,
+    /// Why it failed; null when the receiver answered 2xx.
+    pub error: Option<String>,
+    /// The start of the receiver's answer (up to 256 characters); null without an answer.
+    pub response_excerpt: Option<String>,
+}
+
+/// One event's delivery to one endpoint, with every attempt.
+#[allow(dead_code)]
+#[derive(ToSchema)]
+#[schema(as = WebhookDelivery)]
+pub struct DeliveryShape {
+    /// `whd_…`
+    pub id: String,
+    /// Always `webhook_delivery`.
+    pub object: String,
+    /// The event's id (`evt_…`).
+    pub event: String,
+    /// `pending`, `delivered` or `failed`.
+    pub status: String,
+    pub attempts: Vec<AttemptShape>,
+    /// When the next attempt is due; null unless pending.
+    pub next_attempt_at: Option<String>,
+    pub delivered_at: Option<String>,
+}
+/// An endpoint's latest deliveries, newest first (not paged).
+#[allow(dead_code)]
+#[derive(ToSchema)]
+pub struct WebhookDeliveryList {
+    /// Always `list`.
+    pub object: String,
+    pub data: Vec<DeliveryShape>,
+}
+
+/// A delivery queued to be sent again.
+#[allow(dead_code)]
+#[derive(ToSchema)]
+pub struct WebhookRedelivery {
+    /// `whd_…`
+    pub id: String,
+    /// Always `webhook_delivery`.
+    pub object: String,
+    /// Always `pending`.
+    pub status: String,
+}
+
 fn endpoint_id(text: &str) -> Result<u64, ApiError> {
     text.strip_prefix("whe_").and_then(|n| n.parse().ok()).ok_or_else(ApiError::not_found)
 }
@@ -550,7 +678,7 @@ struct CreateEndpoint {
     organization: Option<String>,
 }
 
-#[utoipa::path(post, path = "/v1/webhook-endpoints", tag = "webhooks", summary = "Create a webhook endpoint; its signing secret is shown once", request_body = CreateEndpoint, responses((status = 201, description = "success, as JSON"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
+#[utoipa::path(post, path = "/v1/webhook-endpoints", tag = "webhooks", summary = "Create a webhook endpoint; its signing secret is shown once", request_body = CreateEndpoint, responses((status = 201, description = "the endpoint created, with its `secret` (shown once)", body = EndpointShape), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json"), (status = "5XX", description = "problem+json: `busy`, `not_ready`, `shutting_down` or `not_leader` (503, retry after Retry-After), `provider_unavailable` (502) or `internal` (500)", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn create_endpoint(AxumState(app): App, headers: HeaderMap, ApiJson(body): ApiJson<CreateEndpoint>) -> ApiResult {
     let caller = caller(&app, &headers)?;
     caller.require_write()?;
@@ -594,7 +722,7 @@ async fn create_endpoint(AxumState(app): App, headers: HeaderMap, ApiJson(body):
     Ok(created(view))
 }
 
-#[utoipa::path(get, path = "/v1/webhook-endpoints", tag = "webhooks", summary = "The caller's webhook endpoints (all, for admin keys)", responses((status = 200, description = "success, as JSON"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
+#[utoipa::path(get, path = "/v1/webhook-endpoints", tag = "webhooks", summary = "The caller's webhook endpoints (all, for admin keys)", responses((status = 200, description = "the endpoints", body = WebhookEndpointList), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json"), (status = "5XX", description = "problem+json: `busy`, `not_ready`, `shutting_down` or `not_leader` (503, retry after Retry-After), `provider_unavailable` (502) or `internal` (500)", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn list_endpoints(AxumState(app): App, headers: HeaderMap) -> ApiResult {
     let caller = caller(&app, &headers)?;
     let webhooks = webhooks_of(&app)?;
@@ -606,7 +734,7 @@ async fn list_endpoints(AxumState(app): App, headers: HeaderMap) -> ApiResult {
     Ok(ok(json!({"object": "list", "data": endpoints.iter().map(endpoint_view).collect::<Vec<_>>()})))
 }
 
-#[utoipa::path(get, path = "/v1/webhook-endpoints/{id}", tag = "webhooks", summary = "Get a webhook endpoint", params(("id" = String, Path, description = "the object's id")), responses((status = 200, description = "success, as JSON"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
+#[utoipa::path(get, path = "/v1/webhook-endpoints/{id}", tag = "webhooks", summary = "Get a webhook endpoint", params(("id" = String, Path, description = "the object's id")), responses((status = 200, description = "the endpoint", body = EndpointShape), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json"), (status = "5XX", description = "problem+json: `busy`, `not_ready`, `shutting_down` or `not_leader` (503, retry after Retry-After), `provider_unavailable` (502) or `internal` (500)", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn get_endpoint(AxumState(app): App, headers: HeaderMap, Path(id): Path<String>) -> ApiResult {
     let caller = caller(&app, &headers)?;
     Ok(ok(endpoint_view(&owned_endpoint(&app, &caller, &id).await?.1)))
@@ -620,7 +748,7 @@ struct UpdateEndpoint {
     enabled: Option<bool>,
 }
 
-#[utoipa::path(post, path = "/v1/webhook-endpoints/{id}", tag = "webhooks", summary = "Change an endpoint's URL, event types or enabled flag", params(("id" = String, Path, description = "the object's id")), request_body = UpdateEndpoint, responses((status = 200, description = "success, as JSON"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
+#[utoipa::path(post, path = "/v1/webhook-endpoints/{id}", tag = "webhooks", summary = "Change an endpoint's URL, event types or enabled flag", params(("id" = String, Path, description = "the object's id")), request_body = UpdateEndpoint, responses((status = 200, description = "the endpoint after the change", body = EndpointShape), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json"), (status = "5XX", description = "problem+json: `busy`, `not_ready`, `shutting_down` or `not_leader` (503, retry after Retry-After), `provider_unavailable` (502) or `internal` (500)", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn update_endpoint(
     AxumState(app): App,
     headers: HeaderMap,
@@ -652,7 +780,7 @@ async fn update_endpoint(
     Ok(ok(endpoint_view(&updated)))
 }
 
-#[utoipa::path(delete, path = "/v1/webhook-endpoints/{id}", tag = "webhooks", summary = "Delete an endpoint (pending deliveries are dropped)", params(("id" = String, Path, description = "the object's id")), responses((status = 200, description = "success, as JSON"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
+#[utoipa::path(delete, path = "/v1/webhook-endpoints/{id}", tag = "webhooks", summary = "Delete an endpoint (pending deliveries are dropped)", params(("id" = String, Path, description = "the object's id")), responses((status = 200, description = "the endpoint is deleted", body = WebhookEndpointDeleted), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json"), (status = "5XX", description = "problem+json: `busy`, `not_ready`, `shutting_down` or `not_leader` (503, retry after Retry-After), `provider_unavailable` (502) or `internal` (500)", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn delete_endpoint(AxumState(app): App, headers: HeaderMap, Path(id): Path<String>) -> ApiResult {
     let caller = caller(&app, &headers)?;
     caller.require_write()?;
@@ -673,7 +801,7 @@ fn default_overlap() -> i64 {
     24 * 3600
 }
 
-#[utoipa::path(post, path = "/v1/webhook-endpoints/{id}/rotate-secret", tag = "webhooks", summary = "Rotate the signing secret; both sign during the overlap; the new one is shown once", params(("id" = String, Path, description = "the object's id")), request_body = Rotate, responses((status = 200, description = "success, as JSON"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
+#[utoipa::path(post, path = "/v1/webhook-endpoints/{id}/rotate-secret", tag = "webhooks", summary = "Rotate the signing secret; both sign during the overlap; the new one is shown once", params(("id" = String, Path, description = "the object's id")), request_body = Rotate, responses((status = 200, description = "the endpoint with its new `secret` (shown once) and `previous_secret_expires_at`", body = EndpointShape), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json"), (status = "5XX", description = "problem+json: `busy`, `not_ready`, `shutting_down` or `not_leader` (503, retry after Retry-After), `provider_unavailable` (502) or `internal` (500)", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn rotate_secret(
     AxumState(app): App,
     headers: HeaderMap,
@@ -700,7 +828,7 @@ async fn rotate_secret(
     Ok(ok(view))
 }
 
-#[utoipa::path(get, path = "/v1/webhook-endpoints/{id}/deliveries", tag = "webhooks", summary = "An endpoint's deliveries, newest first, with every attempt", params(("id" = String, Path, description = "the object's id")), responses((status = 200, description = "success, as JSON"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
+#[utoipa::path(get, path = "/v1/webhook-endpoints/{id}/deliveries", tag = "webhooks", summary = "An endpoint's deliveries, newest first, with every attempt", params(("id" = String, Path, description = "the object's id")), responses((status = 200, description = "the endpoint's deliveries with their attempts", body = WebhookDeliveryList), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json"), (status = "5XX", description = "problem+json: `busy`, `not_ready`, `shutting_down` or `not_leader` (503, retry after Retry-After), `provider_unavailable` (502) or `internal` (500)", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn list_deliveries(AxumState(app): App, headers: HeaderMap, Path(id): Path<String>) -> ApiResult {
     let caller = caller(&app, &headers)?;
     let (webhooks, endpoint) = owned_endpoint(&app, &caller, &id).await?;
@@ -730,7 +858,7 @@ async fn list_deliveries(AxumState(app): App, headers: HeaderMap, Path(id): Path
     Ok(ok(json!({"object": "list", "data": data})))
 }
 
-#[utoipa::path(post, path = "/v1/webhook-deliveries/{id}/redeliver", tag = "webhooks", summary = "Send a delivery again now", params(("id" = String, Path, description = "the object's id")), responses((status = 200, description = "success, as JSON"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
+#[utoipa::path(post, path = "/v1/webhook-deliveries/{id}/redeliver", tag = "webhooks", summary = "Send a delivery again now", params(("id" = String, Path, description = "the object's id")), responses((status = 200, description = "the delivery, queued to be sent again now", body = WebhookRedelivery), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json"), (status = "5XX", description = "problem+json: `busy`, `not_ready`, `shutting_down` or `not_leader` (503, retry after Retry-After), `provider_unavailable` (502) or `internal` (500)", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn redeliver(AxumState(app): App, headers: HeaderMap, Path(id): Path<String>) -> ApiResult {
     let caller = caller(&app, &headers)?;
     caller.require_write()?;

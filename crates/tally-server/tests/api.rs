@@ -429,6 +429,17 @@ async fn the_openapi_document_lists_every_endpoint_with_its_errors() {
                 "{method} {path} is documented but not expected"
             );
             assert!(operation["responses"]["4XX"].is_object(), "{method} {path} documents no errors");
+            // Every success documents its body: a JSON schema, or another content type
+            // (CSV, HTML, OpenMetrics text); only 204 has none.
+            for (status, response) in operation["responses"].as_object().unwrap() {
+                if status.starts_with('2') && status != "204" {
+                    let content = response["content"].as_object();
+                    assert!(
+                        content.is_some_and(|c| c.values().all(|media| media["schema"].is_object())),
+                        "{method} {path} {status} documents no response schema"
+                    );
+                }
+            }
         }
     }
     for (method, path) in ENDPOINTS {
@@ -445,6 +456,50 @@ async fn the_openapi_document_lists_every_endpoint_with_its_errors() {
     for schema in ["CreateOrganization", "PlaceHold", "Transfer", "Problem"] {
         assert!(document["components"]["schemas"][schema].is_object(), "schema {schema} missing");
     }
+    server.stop().await;
+}
+
+/// The contract check that every black-box answer goes through really catches a wrong
+/// answer: an undocumented field, a missing one, a wrong type, a value outside an enum.
+#[tokio::test]
+async fn the_contract_check_refuses_answers_that_differ_from_the_document() {
+    use common::contract::{response_schema, template_of, validate};
+    let server = Server::start().await;
+    let (_, wallet, key) = server.organization("Checked").await;
+    let (status, answer) = server.get(&format!("/v1/wallets/{wallet}"), &key).await;
+    assert_eq!(status, StatusCode::OK);
+    let template = template_of(&format!("/v1/wallets/{wallet}?x=1")).unwrap();
+    assert_eq!(template, "/v1/wallets/{id}");
+    let schema = response_schema("GET", &template, 200).expect("a documented wallet");
+    assert_eq!(validate(schema, &answer, "$"), Ok(()));
+    let mut extra = answer.clone();
+    extra["surprise"] = json!(1);
+    assert!(validate(schema, &extra, "$").unwrap_err().contains("$.surprise"));
+    let mut missing = answer.clone();
+    missing.as_object_mut().unwrap().remove("balance");
+    assert!(validate(schema, &missing, "$").unwrap_err().contains("balance"));
+    let mut wrong_type = answer.clone();
+    wrong_type["balance"] = json!(5);
+    assert!(validate(schema, &wrong_type, "$").is_err());
+    let mut outside = answer.clone();
+    outside["status"] = json!("melted");
+    assert!(validate(schema, &outside, "$").is_err());
+    let mut nested = answer.clone();
+    nested["grants"] = json!([{"id": "grt_1"}]);
+    assert!(validate(schema, &nested, "$").unwrap_err().contains("grants[0]"));
+    // Errors are checked against the problem schema.
+    let problem = response_schema("GET", &template, 404).expect("a documented problem");
+    let (status, body) = server.get("/v1/wallets/wal_999", &key).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(validate(problem, &body, "$"), Ok(()));
+    assert!(validate(problem, &json!({"code": 5}), "$").is_err());
+    // A hold answers either shape: active or resolved.
+    let hold = response_schema("GET", "/v1/holds/{id}", 200).unwrap();
+    let resolved = json!({"id": "hld_1", "object": "hold", "wallet": wallet, "amount": "1.00", "currency": "USD",
+        "status": "released", "created_at": "2026-01-01T00:00:00Z", "expires_at": "2026-01-01T00:01:00Z",
+        "resolved_at": "2026-01-01T00:00:30Z", "released": "1.00"});
+    assert_eq!(validate(hold, &resolved, "$"), Ok(()));
+    assert!(validate(hold, &json!({"id": "hld_1"}), "$").is_err());
     server.stop().await;
 }
 

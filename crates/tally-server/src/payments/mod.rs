@@ -19,6 +19,7 @@ use provider::*;
 use std::collections::HashMap;
 use std::time::Instant;
 use tally_ledger::payments::*;
+use utoipa::ToSchema;
 use utoipa_axum::routes;
 
 /// Most concurrent provider conversations the background worker starts.
@@ -222,6 +223,134 @@ fn receipt_number(number: u64) -> String {
     format!("R-{number:08}")
 }
 
+// ---- response shapes (OpenAPI only) ----
+//
+// The fields `method_view`, `top_up_view` and `checkout_view` send. Amounts are decimal
+// strings in the major unit, times RFC 3339.
+
+/// A saved payment method (only what may be shown: never the provider's token).
+#[derive(ToSchema)]
+#[schema(as = PaymentMethod)]
+pub struct MethodShape {
+    /// `pm_…`
+    pub id: String,
+    /// Always `payment_method`.
+    pub object: String,
+    pub organization: String,
+    /// `card` or `bank_account`.
+    pub r#type: String,
+    /// The card brand (`visa`, …) or the bank's name, as the provider describes it.
+    pub brand: String,
+    pub last4: String,
+    pub exp_month: u32,
+    /// Bank accounts, which do not expire, show 12/2099.
+    pub exp_year: u32,
+    /// Whether it is its organization's default method.
+    pub default: bool,
+    /// True in the answer that removes it; removed methods are no longer listed.
+    pub removed: bool,
+}
+
+/// A saved payment method list, with the method types the organization may use.
+#[derive(ToSchema)]
+pub struct PaymentMethodList {
+    /// Always `list`.
+    pub object: String,
+    /// The organization's methods not removed.
+    pub data: Vec<MethodShape>,
+    /// The method types the organization may save and pay with: `card`, `bank_account`.
+    pub allowed_types: Vec<String>,
+}
+
+/// One tax computed on an amount.
+#[derive(ToSchema)]
+pub struct AppliedTax {
+    pub name: String,
+    pub amount: String,
+}
+
+/// A top-up of a wallet through the payment provider.
+#[derive(ToSchema)]
+#[schema(as = TopUp)]
+pub struct TopUpShape {
+    /// `top_…`
+    pub id: String,
+    /// Always `top_up`.
+    pub object: String,
+    pub wallet: String,
+    pub organization: String,
+    pub currency: String,
+    /// What the wallet gets.
+    pub amount: String,
+    /// The taxes added on top of `amount`.
+    pub taxes: Vec<AppliedTax>,
+    /// What the payment method is charged: `amount` plus taxes.
+    pub total: String,
+    /// The payment method charged.
+    pub payment_method: String,
+    /// `pending` (until the provider confirms), `succeeded` or `failed`.
+    pub status: String,
+    /// Started by the wallet's auto top-up rule.
+    pub automatic: bool,
+    pub created_at: String,
+    /// When it succeeded or failed; null while pending.
+    pub settled_at: Option<String>,
+    /// The provider's code, when it failed.
+    pub failure_code: Option<String>,
+    pub failure_message: Option<String>,
+    /// The operation that credited the wallet, once succeeded.
+    pub operation: Option<String>,
+    /// The provider's id of the payment, once known.
+    pub provider_reference: Option<String>,
+    /// `R-00000001`: the receipt number of a succeeded top-up.
+    pub receipt_number: Option<String>,
+}
+crate::schemas::list!(TopUpList, TopUpShape, "A wallet's top-ups, newest first.");
+
+/// A wallet-first payment to a merchant: the consumer's wallet pays what it can, a
+/// payment method the rest.
+#[derive(ToSchema)]
+#[schema(as = Checkout)]
+pub struct CheckoutShape {
+    /// `chk_…`
+    pub id: String,
+    /// Always `checkout`.
+    pub object: String,
+    /// The paying organization.
+    pub consumer: String,
+    /// The organization paid.
+    pub merchant: String,
+    pub currency: String,
+    pub amount: String,
+    /// Paid from the consumer's wallet (held until the card part is settled).
+    pub wallet_part: String,
+    /// Paid by the payment method.
+    pub card_part: String,
+    /// The platform's fee, out of what the merchant gets.
+    pub platform_fee: String,
+    /// The subscription whose recurring fee this collects (a renewal), if any.
+    pub subscription: Option<String>,
+    /// `pending` (until the provider confirms), `succeeded` or `failed`.
+    pub status: String,
+    pub created_at: String,
+    /// When it succeeded or failed; null while pending.
+    pub settled_at: Option<String>,
+    pub failure_code: Option<String>,
+    pub failure_message: Option<String>,
+    /// The operation that paid the merchant, once succeeded.
+    pub operation: Option<String>,
+    /// What is left to pay: `0` once succeeded, else the whole amount.
+    pub outstanding: String,
+    /// The hold on the wallet part, if any.
+    pub hold: Option<String>,
+    /// The method that pays the card part, if any.
+    pub payment_method: Option<String>,
+    /// Empty when none was given.
+    pub description: String,
+    /// The provider's id of the card payment, once known.
+    pub provider_reference: Option<String>,
+}
+
 // ---- card numbers never enter ----
 
 /// Whether `body` holds something that looks like a card number: 13 to 19 digits
@@ -295,7 +424,7 @@ async fn owned_organization(app: &AppState, caller: &Caller, id: &str) -> Result
     Ok(organization)
 }
 
-#[utoipa::path(post, path = "/v1/organizations/{id}/payment-methods", tag = "payments", summary = "Save a payment method by its provider token (card numbers are refused; a token saved before gives that method)", request_body = AddMethod, params(("id" = String, Path, description = "organization id")), responses((status = 201, description = "saved, as JSON"), (status = 200, description = "this token was saved before: that method, as JSON"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
+#[utoipa::path(post, path = "/v1/organizations/{id}/payment-methods", tag = "payments", summary = "Save a payment method by its provider token (card numbers are refused; a token saved before gives that method)", request_body = AddMethod, params(("id" = String, Path, description = "organization id")), responses((status = 201, description = "the payment method saved", body = MethodShape), (status = 200, description = "this token was saved before: that method", body = MethodShape), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json"), (status = "5XX", description = "problem+json: `busy`, `not_ready`, `shutting_down` or `not_leader` (503, retry after Retry-After), `provider_unavailable` (502) or `internal` (500)", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn add_method(AxumState(app): App, headers: HeaderMap, Path(id): Path<String>, body: Bytes) -> ApiResult {
     let caller = caller(&app, &headers)?;
     caller.require_write()?;
@@ -324,7 +453,7 @@ async fn add_method(AxumState(app): App, headers: HeaderMap, Path(id): Path<Stri
     Ok(if saved { ok(method_view(&method, default)) } else { created(method_view(&method, default)) })
 }
 
-#[utoipa::path(get, path = "/v1/organizations/{id}/payment-methods", tag = "payments", summary = "An organization's saved payment methods", params(("id" = String, Path, description = "organization id")), responses((status = 200, description = "success, as JSON"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
+#[utoipa::path(get, path = "/v1/organizations/{id}/payment-methods", tag = "payments", summary = "An organization's saved payment methods", params(("id" = String, Path, description = "organization id")), responses((status = 200, description = "the organization's payment methods and the types it may use", body = PaymentMethodList), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json"), (status = "5XX", description = "problem+json: `busy`, `not_ready`, `shutting_down` or `not_leader` (503, retry after Retry-After), `provider_unavailable` (502) or `internal` (500)", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn list_methods(AxumState(app): App, headers: HeaderMap, Path(id): Path<String>) -> ApiResult {
     let caller = caller(&app, &headers)?;
     let organization = owned_organization(&app, &caller, &id).await?;
@@ -353,7 +482,7 @@ async fn owned_method(app: &AppState, caller: &Caller, id: &str) -> Result<Payme
     }
 }
 
-#[utoipa::path(delete, path = "/v1/payment-methods/{id}", tag = "payments", summary = "Remove a saved payment method", params(("id" = String, Path, description = "payment method id")), responses((status = 200, description = "success, as JSON"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
+#[utoipa::path(delete, path = "/v1/payment-methods/{id}", tag = "payments", summary = "Remove a saved payment method", params(("id" = String, Path, description = "payment method id")), responses((status = 200, description = "the payment method, now removed", body = MethodShape), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json"), (status = "5XX", description = "problem+json: `busy`, `not_ready`, `shutting_down` or `not_leader` (503, retry after Retry-After), `provider_unavailable` (502) or `internal` (500)", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn remove_method(AxumState(app): App, headers: HeaderMap, Path(id): Path<String>) -> ApiResult {
     let caller = caller(&app, &headers)?;
     caller.require_write()?;
@@ -366,7 +495,7 @@ async fn remove_method(AxumState(app): App, headers: HeaderMap, Path(id): Path<S
     Ok(ok(method_view(&method, false)))
 }
 
-#[utoipa::path(post, path = "/v1/payment-methods/{id}/default", tag = "payments", summary = "Make a payment method its organization's default", params(("id" = String, Path, description = "payment method id")), responses((status = 200, description = "success, as JSON"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
+#[utoipa::path(post, path = "/v1/payment-methods/{id}/default", tag = "payments", summary = "Make a payment method its organization's default", params(("id" = String, Path, description = "payment method id")), responses((status = 200, description = "the payment method, now the default", body = MethodShape), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json"), (status = "5XX", description = "problem+json: `busy`, `not_ready`, `shutting_down` or `not_leader` (503, retry after Retry-After), `provider_unavailable` (502) or `internal` (500)", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn default_method(AxumState(app): App, headers: HeaderMap, Path(id): Path<String>) -> ApiResult {
     let caller = caller(&app, &headers)?;
     caller.require_write()?;
@@ -386,7 +515,7 @@ struct MethodTypes {
     types: Vec<String>,
 }
 
-#[utoipa::path(put, path = "/v1/organizations/{id}/payment-method-types", tag = "payments", summary = "Which payment method types an organization may use (platform setting)", request_body = MethodTypes, params(("id" = String, Path, description = "organization id")), responses((status = 200, description = "success, as JSON"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
+#[utoipa::path(put, path = "/v1/organizations/{id}/payment-method-types", tag = "payments", summary = "Which payment method types an organization may use (platform setting)", request_body = MethodTypes, params(("id" = String, Path, description = "organization id")), responses((status = 200, description = "the types the organization may now use", body = PaymentMethodTypes), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json"), (status = "5XX", description = "problem+json: `busy`, `not_ready`, `shutting_down` or `not_leader` (503, retry after Retry-After), `provider_unavailable` (502) or `internal` (500)", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn method_types(
     AxumState(app): App,
     headers: HeaderMap,
@@ -406,6 +535,14 @@ async fn method_types(
     }
     app.execute(Command::payment(PaymentCommand::SetMethodTypes { organization, types: types.clone() })).await?;
     Ok(ok(json!({"organization": organization.to_string(), "payment_method_types": types})))
+}
+
+/// Which payment method types an organization may now use.
+#[derive(ToSchema)]
+pub struct PaymentMethodTypes {
+    pub organization: String,
+    /// `card`, `bank_account`; empty: none.
+    pub payment_method_types: Vec<String>,
 }
 
 // ---- tax profiles ----
@@ -450,7 +587,36 @@ fn profile_view(profile: &TaxProfile) -> Value {
     })
 }
 
-#[utoipa::path(put, path = "/v1/tax-profiles", tag = "payments", summary = "Set a region's taxes on top-ups (platform)", request_body = TaxProfileInput, responses((status = 200, description = "success, as JSON"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
+// ---- response shapes (OpenAPI only) ----
+
+/// One tax of a profile: a rate, a fixed amount, or both.
+#[derive(ToSchema)]
+pub struct TaxProfileTax {
+    pub name: String,
+    /// A fraction with at least two decimals: `"0.05"` is 5%.
+    pub rate: String,
+    /// The fixed amount added to every top-up in `currency`; null: none.
+    pub fixed_amount: Option<String>,
+    /// The fixed amount's currency; null when there is no fixed amount.
+    pub currency: Option<String>,
+}
+
+/// The taxes added to top-ups of organizations billed in a region.
+#[derive(ToSchema)]
+#[schema(as = TaxProfile)]
+pub struct TaxProfileShape {
+    /// Always `tax_profile`.
+    pub object: String,
+    /// ISO 3166-1 alpha-2.
+    pub country: String,
+    /// The billing details' region it applies to; null: the whole country.
+    pub subdivision: Option<String>,
+    /// Empty in the answer that removes the profile.
+    pub taxes: Vec<TaxProfileTax>,
+}
+crate::schemas::list!(TaxProfileList, TaxProfileShape, "Every tax profile.");
+
+#[utoipa::path(put, path = "/v1/tax-profiles", tag = "payments", summary = "Set a region's taxes on top-ups (platform)", request_body = TaxProfileInput, responses((status = 200, description = "the tax profile as set (no taxes: removed)", body = TaxProfileShape), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json"), (status = "5XX", description = "problem+json: `busy`, `not_ready`, `shutting_down` or `not_leader` (503, retry after Retry-After), `provider_unavailable` (502) or `internal` (500)", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn set_tax_profile(
     AxumState(app): App,
     headers: HeaderMap,
@@ -476,7 +642,7 @@ async fn set_tax_profile(
     Ok(ok(profile_view(&profile)))
 }
 
-#[utoipa::path(get, path = "/v1/tax-profiles", tag = "payments", summary = "Every tax profile", responses((status = 200, description = "success, as JSON"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
+#[utoipa::path(get, path = "/v1/tax-profiles", tag = "payments", summary = "Every tax profile", responses((status = 200, description = "every tax profile", body = TaxProfileList), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json"), (status = "5XX", description = "problem+json: `busy`, `not_ready`, `shutting_down` or `not_leader` (503, retry after Retry-After), `provider_unavailable` (502) or `internal` (500)", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn list_tax_profiles(AxumState(app): App, headers: HeaderMap) -> ApiResult {
     caller(&app, &headers)?;
     let data = app.read(|state| state.payments.tax_profiles.iter().map(profile_view).collect::<Vec<_>>()).await?;
@@ -529,12 +695,53 @@ fn settings_view(state: &State, wallet: &Wallet) -> Value {
     })
 }
 
+// ---- response shapes (OpenAPI only) ----
+
+/// A wallet's auto top-up rule and its running state.
+#[derive(ToSchema)]
+pub struct AutoTopUpRule {
+    /// Triggers when a debit takes available below this.
+    pub threshold: String,
+    /// Tops up by this fixed amount; null when the rule tops up to `target_balance`.
+    pub amount: Option<String>,
+    /// Tops up to bring available to this; null when the rule tops up by `amount`.
+    pub target_balance: Option<String>,
+    pub payment_method: String,
+    pub max_per_day: u32,
+    pub max_amount_per_day: String,
+    /// False once the rule disabled itself after failures in a row.
+    pub enabled: bool,
+    pub failures_in_a_row: u32,
+    /// When a failed auto top-up is tried again; null: no retry waiting.
+    pub retry_at: Option<String>,
+    /// The auto top-up in progress (`top_…`), if any.
+    pub in_flight: Option<String>,
+}
+
+/// A wallet's top-up limits, preset amounts and auto top-up rule.
+#[derive(ToSchema)]
+#[schema(as = PaymentSettings)]
+pub struct PaymentSettingsShape {
+    /// Always `wallet_payment_settings`.
+    pub object: String,
+    pub wallet: String,
+    pub currency: String,
+    /// Smallest top-up; null: no minimum.
+    pub min_top_up: Option<String>,
+    /// Largest top-up; null: no maximum.
+    pub max_top_up: Option<String>,
+    /// Amounts clients show as buttons.
+    pub presets: Vec<String>,
+    /// Null: no auto top-up rule.
+    pub auto_top_up: Option<AutoTopUpRule>,
+}
+
 async fn settings_answer(app: &AppState, wallet: WalletId) -> ApiResult {
     let view = app.read(move |state| state.wallet(wallet).map(|w| settings_view(state, w))).await?;
     Ok(ok(view.unwrap_or(Value::Null)))
 }
 
-#[utoipa::path(put, path = "/v1/wallets/{id}/top-up-limits", tag = "payments", summary = "A wallet's top-up minimum, maximum and preset amounts (platform)", request_body = TopUpLimits, params(("id" = String, Path, description = "wallet id")), responses((status = 200, description = "success, as JSON"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
+#[utoipa::path(put, path = "/v1/wallets/{id}/top-up-limits", tag = "payments", summary = "A wallet's top-up minimum, maximum and preset amounts (platform)", request_body = TopUpLimits, params(("id" = String, Path, description = "wallet id")), responses((status = 200, description = "the wallet's payment settings", body = PaymentSettingsShape), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json"), (status = "5XX", description = "problem+json: `busy`, `not_ready`, `shutting_down` or `not_leader` (503, retry after Retry-After), `provider_unavailable` (502) or `internal` (500)", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn top_up_limits(
     AxumState(app): App,
     headers: HeaderMap,
@@ -553,7 +760,7 @@ async fn top_up_limits(
     settings_answer(&app, wallet).await
 }
 
-#[utoipa::path(get, path = "/v1/wallets/{id}/payment-settings", tag = "payments", summary = "A wallet's top-up limits, presets and auto top-up rule", params(("id" = String, Path, description = "wallet id")), responses((status = 200, description = "success, as JSON"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
+#[utoipa::path(get, path = "/v1/wallets/{id}/payment-settings", tag = "payments", summary = "A wallet's top-up limits, presets and auto top-up rule", params(("id" = String, Path, description = "wallet id")), responses((status = 200, description = "the wallet's payment settings", body = PaymentSettingsShape), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json"), (status = "5XX", description = "problem+json: `busy`, `not_ready`, `shutting_down` or `not_leader` (503, retry after Retry-After), `provider_unavailable` (502) or `internal` (500)", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn payment_settings(AxumState(app): App, headers: HeaderMap, Path(id): Path<String>) -> ApiResult {
     let caller = caller(&app, &headers)?;
     let (wallet, _, _) = owned_wallet_meta(&app, &caller, &id).await?;
@@ -581,7 +788,7 @@ fn default_per_day() -> u32 {
     5
 }
 
-#[utoipa::path(put, path = "/v1/wallets/{id}/auto-top-up", tag = "payments", summary = "Set a wallet's auto top-up rule", request_body = AutoTopUpInput, params(("id" = String, Path, description = "wallet id")), responses((status = 200, description = "success, as JSON"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
+#[utoipa::path(put, path = "/v1/wallets/{id}/auto-top-up", tag = "payments", summary = "Set a wallet's auto top-up rule", request_body = AutoTopUpInput, params(("id" = String, Path, description = "wallet id")), responses((status = 200, description = "the wallet's payment settings with the rule", body = PaymentSettingsShape), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json"), (status = "5XX", description = "problem+json: `busy`, `not_ready`, `shutting_down` or `not_leader` (503, retry after Retry-After), `provider_unavailable` (502) or `internal` (500)", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn set_auto_top_up(
     AxumState(app): App,
     headers: HeaderMap,
@@ -608,7 +815,7 @@ async fn set_auto_top_up(
     settings_answer(&app, wallet).await
 }
 
-#[utoipa::path(delete, path = "/v1/wallets/{id}/auto-top-up", tag = "payments", summary = "Remove a wallet's auto top-up rule", params(("id" = String, Path, description = "wallet id")), responses((status = 200, description = "success, as JSON"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
+#[utoipa::path(delete, path = "/v1/wallets/{id}/auto-top-up", tag = "payments", summary = "Remove a wallet's auto top-up rule", params(("id" = String, Path, description = "wallet id")), responses((status = 200, description = "the wallet's payment settings without a rule", body = PaymentSettingsShape), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json"), (status = "5XX", description = "problem+json: `busy`, `not_ready`, `shutting_down` or `not_leader` (503, retry after Retry-After), `provider_unavailable` (502) or `internal` (500)", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn delete_auto_top_up(AxumState(app): App, headers: HeaderMap, Path(id): Path<String>) -> ApiResult {
     let caller = caller(&app, &headers)?;
     caller.require_write()?;
@@ -648,7 +855,7 @@ async fn default_method_of(app: &AppState, organization: OrganizationId) -> Resu
     })
 }
 
-#[utoipa::path(post, path = "/v1/wallets/{id}/top-ups", tag = "payments", summary = "Top up a wallet through the payment provider (taxes added; credited once the provider confirms)", request_body = CreateTopUp, params(("id" = String, Path, description = "wallet id"), ("Idempotency-Key" = String, Header, description = "required")), responses((status = 201, description = "the top-up: succeeded, failed, or pending until the provider confirms"), (status = 409, description = "`total_changed`: the taxes now give another total than the `total` reviewed; nothing was charged", body = crate::error::Problem, content_type = "application/problem+json"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
+#[utoipa::path(post, path = "/v1/wallets/{id}/top-ups", tag = "payments", summary = "Top up a wallet through the payment provider (taxes added; credited once the provider confirms)", request_body = CreateTopUp, params(("id" = String, Path, description = "wallet id"), ("Idempotency-Key" = String, Header, description = "required")), responses((status = 201, description = "the top-up: succeeded, failed, or pending until the provider confirms (also for a replayed Idempotency-Key, with the `Idempotent-Replayed: true` header)", body = TopUpShape), (status = 409, description = "`total_changed`: the taxes now give another total than the `total` reviewed; nothing was charged", body = crate::error::Problem, content_type = "application/problem+json"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json"), (status = "5XX", description = "problem+json: `busy`, `not_ready`, `shutting_down` or `not_leader` (503, retry after Retry-After), `provider_unavailable` (502) or `internal` (500)", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn create_top_up(
     AxumState(app): App,
     headers: HeaderMap,
@@ -694,7 +901,7 @@ async fn create_top_up(
     Ok(created_or_replayed(view, created))
 }
 
-#[utoipa::path(get, path = "/v1/wallets/{id}/top-ups", tag = "payments", summary = "A wallet's top-ups, newest first", params(("id" = String, Path, description = "wallet id")), responses((status = 200, description = "success, as JSON"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
+#[utoipa::path(get, path = "/v1/wallets/{id}/top-ups", tag = "payments", summary = "A wallet's top-ups, newest first", params(("id" = String, Path, description = "wallet id")), responses((status = 200, description = "the wallet's top-ups, newest first", body = TopUpList), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json"), (status = "5XX", description = "problem+json: `busy`, `not_ready`, `shutting_down` or `not_leader` (503, retry after Retry-After), `provider_unavailable` (502) or `internal` (500)", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn list_top_ups(AxumState(app): App, headers: HeaderMap, Path(id): Path<String>) -> ApiResult {
     let caller = caller(&app, &headers)?;
     let (wallet, _, _) = owned_wallet_meta(&app, &caller, &id).await?;
@@ -707,12 +914,61 @@ async fn list_top_ups(AxumState(app): App, headers: HeaderMap, Path(id): Path<St
     Ok(ok(json!({"object": "list", "data": data})))
 }
 
+// ---- response shapes (OpenAPI only) ----
+
+/// The taxes and total a top-up of an amount would charge now.
+#[derive(ToSchema)]
+pub struct TopUpQuote {
+    /// Always `top_up_quote`.
+    pub object: String,
+    pub currency: String,
+    /// What the wallet would get.
+    pub amount: String,
+    pub taxes: Vec<AppliedTax>,
+    /// What the payment method would be charged (give it as the top-up's `total`).
+    pub total: String,
+}
+
+/// A line of a receipt.
+#[derive(ToSchema)]
+pub struct ReceiptLine {
+    pub description: String,
+    pub amount: String,
+}
+
+/// The payment method a receipt was paid with (empty strings if it is unknown).
+#[derive(ToSchema)]
+pub struct ReceiptPaymentMethod {
+    pub brand: String,
+    pub last4: String,
+}
+
+/// The receipt of a succeeded top-up.
+#[derive(ToSchema)]
+pub struct TopUpReceipt {
+    /// Always `receipt`.
+    pub object: String,
+    /// `R-00000001`
+    pub number: String,
+    /// When the top-up succeeded.
+    pub date: String,
+    /// The top-up's id.
+    pub top_up: String,
+    /// The organization's billing details (empty strings when it has none).
+    pub billed_to: crate::schemas::BillingDetails,
+    pub lines: Vec<ReceiptLine>,
+    pub taxes: Vec<AppliedTax>,
+    pub total: String,
+    pub currency: String,
+    pub payment_method: ReceiptPaymentMethod,
+}
+
 #[derive(Deserialize)]
 struct QuoteQuery {
     amount: String,
 }
 
-#[utoipa::path(get, path = "/v1/wallets/{id}/top-up-quote", tag = "payments", summary = "The taxes and total a top-up of an amount would charge", params(("id" = String, Path, description = "wallet id"), ("amount" = String, Query, description = "what the wallet would get")), responses((status = 200, description = "success, as JSON"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
+#[utoipa::path(get, path = "/v1/wallets/{id}/top-up-quote", tag = "payments", summary = "The taxes and total a top-up of an amount would charge", params(("id" = String, Path, description = "wallet id"), ("amount" = String, Query, description = "what the wallet would get")), responses((status = 200, description = "the quote", body = TopUpQuote), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json"), (status = "5XX", description = "problem+json: `busy`, `not_ready`, `shutting_down` or `not_leader` (503, retry after Retry-After), `provider_unavailable` (502) or `internal` (500)", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn top_up_quote(
     AxumState(app): App,
     headers: HeaderMap,
@@ -762,7 +1018,7 @@ async fn owned_top_up(
     }
 }
 
-#[utoipa::path(get, path = "/v1/top-ups/{id}", tag = "payments", summary = "A top-up", params(("id" = String, Path, description = "top-up id")), responses((status = 200, description = "success, as JSON"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
+#[utoipa::path(get, path = "/v1/top-ups/{id}", tag = "payments", summary = "A top-up", params(("id" = String, Path, description = "top-up id")), responses((status = 200, description = "the top-up", body = TopUpShape), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json"), (status = "5XX", description = "problem+json: `busy`, `not_ready`, `shutting_down` or `not_leader` (503, retry after Retry-After), `provider_unavailable` (502) or `internal` (500)", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn get_top_up(AxumState(app): App, headers: HeaderMap, Path(id): Path<String>) -> ApiResult {
     let caller = caller(&app, &headers)?;
     let (top_up, _, _) = owned_top_up(&app, &caller, &id).await?;
@@ -778,7 +1034,7 @@ fn escape(text: &str) -> String {
     text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;").replace('\'', "&#39;")
 }
 
-#[utoipa::path(get, path = "/v1/top-ups/{id}/receipt", tag = "payments", summary = "The receipt of a succeeded top-up, as JSON or (format=html) a printable page", params(("id" = String, Path, description = "top-up id"), ("format" = Option<String>, Query, description = "json (default) or html")), responses((status = 200, description = "success, as JSON or HTML"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
+#[utoipa::path(get, path = "/v1/top-ups/{id}/receipt", tag = "payments", summary = "The receipt of a succeeded top-up, as JSON or (format=html) a printable page", params(("id" = String, Path, description = "top-up id"), ("format" = Option<String>, Query, description = "json (default) or html")), responses((status = 200, description = "the receipt: JSON, or with format=html a printable page", content((TopUpReceipt = "application/json"), (String = "text/html"))), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json"), (status = "5XX", description = "problem+json: `busy`, `not_ready`, `shutting_down` or `not_leader` (503, retry after Retry-After), `provider_unavailable` (502) or `internal` (500)", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn top_up_receipt(
     AxumState(app): App,
     headers: HeaderMap,
@@ -879,7 +1135,7 @@ fn yes() -> bool {
     true
 }
 
-#[utoipa::path(post, path = "/v1/checkouts", tag = "payments", summary = "Pay a merchant: the wallet first, a payment method for the rest", request_body = CreateCheckout, params(("Idempotency-Key" = String, Header, description = "required")), responses((status = 201, description = "the checkout: succeeded, failed, or pending until the provider confirms"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
+#[utoipa::path(post, path = "/v1/checkouts", tag = "payments", summary = "Pay a merchant: the wallet first, a payment method for the rest", request_body = CreateCheckout, params(("Idempotency-Key" = String, Header, description = "required")), responses((status = 201, description = "the checkout: succeeded, failed, or pending until the provider confirms (also for a replayed Idempotency-Key, with the `Idempotent-Replayed: true` header)", body = CheckoutShape), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json"), (status = "5XX", description = "problem+json: `busy`, `not_ready`, `shutting_down` or `not_leader` (503, retry after Retry-After), `provider_unavailable` (502) or `internal` (500)", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn create_checkout(AxumState(app): App, headers: HeaderMap, ApiJson(body): ApiJson<CreateCheckout>) -> ApiResult {
     let caller = caller(&app, &headers)?;
     caller.require_write()?;
@@ -922,7 +1178,7 @@ async fn create_checkout(AxumState(app): App, headers: HeaderMap, ApiJson(body):
     Ok(created_or_replayed(view, created))
 }
 
-#[utoipa::path(get, path = "/v1/checkouts/{id}", tag = "payments", summary = "A checkout", params(("id" = String, Path, description = "checkout id")), responses((status = 200, description = "success, as JSON"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
+#[utoipa::path(get, path = "/v1/checkouts/{id}", tag = "payments", summary = "A checkout", params(("id" = String, Path, description = "checkout id")), responses((status = 200, description = "the checkout", body = CheckoutShape), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json"), (status = "5XX", description = "problem+json: `busy`, `not_ready`, `shutting_down` or `not_leader` (503, retry after Retry-After), `provider_unavailable` (502) or `internal` (500)", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn get_checkout(AxumState(app): App, headers: HeaderMap, Path(id): Path<String>) -> ApiResult {
     let caller = caller(&app, &headers)?;
     let checkout = parse_id("checkout", &id, CheckoutId::parse)?;
@@ -965,6 +1221,56 @@ pub(crate) fn refund_view(refund: &Refund) -> Value {
     })
 }
 
+// ---- response shapes (OpenAPI only) ----
+
+/// A refund of a top-up (to its payment method) or of a payment (back to the
+/// consumer's wallet, from the merchant and the platform fee).
+#[derive(ToSchema)]
+#[schema(as = Refund)]
+pub struct RefundShape {
+    /// `ref_…`
+    pub id: String,
+    /// Always `refund`.
+    pub object: String,
+    /// `top_up` or `payment`.
+    pub kind: String,
+    /// What is refunded: the top-up id, or the payment's operation id.
+    pub of: String,
+    /// The consumer's wallet the money leaves (top-up) or returns to (payment).
+    pub wallet: String,
+    pub organization: String,
+    pub currency: String,
+    pub amount: String,
+    /// Taxes refunded with a top-up refund (empty for payments).
+    pub taxes: Vec<AppliedTax>,
+    /// What goes back to the payment method (amount plus taxes); `0` for payments.
+    pub total: String,
+    /// For a payment refund: the merchant's wallet; null for top-ups.
+    pub merchant_wallet: Option<String>,
+    /// For a payment refund: what the merchant gives back.
+    pub merchant_part: String,
+    /// For a payment refund: what the platform's fee gives back.
+    pub platform_fee_part: String,
+    /// Empty when none was given.
+    pub reason: String,
+    /// `pending` (until the provider confirms), `succeeded` or `failed`.
+    pub status: String,
+    pub created_at: String,
+    pub settled_at: Option<String>,
+    /// The operation that moved the money.
+    pub operation: Option<String>,
+    /// The operation that put the money back when the provider refused the refund.
+    pub reversal: Option<String>,
+    pub failure_code: Option<String>,
+}
+
+/// The provider's webhook was accepted.
+#[derive(ToSchema)]
+pub struct ProviderWebhookReceived {
+    /// Always true.
+    pub received: bool,
+}
+
 #[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct CreateRefund {
@@ -989,7 +1295,7 @@ async fn refund_answer(app: &Arc<AppState>, command: PaymentCommand) -> ApiResul
     Ok(created_or_replayed(view.unwrap_or(Value::Null), created))
 }
 
-#[utoipa::path(post, path = "/v1/top-ups/{id}/refunds", tag = "payments", summary = "Refund a top-up's unspent money (and its taxes in proportion) to its payment method (platform)", request_body = CreateRefund, params(("id" = String, Path, description = "top-up id"), ("Idempotency-Key" = String, Header, description = "required")), responses((status = 201, description = "the refund"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
+#[utoipa::path(post, path = "/v1/top-ups/{id}/refunds", tag = "payments", summary = "Refund a top-up's unspent money (and its taxes in proportion) to its payment method (platform)", request_body = CreateRefund, params(("id" = String, Path, description = "top-up id"), ("Idempotency-Key" = String, Header, description = "required")), responses((status = 201, description = "the refund: succeeded, failed, or pending until the provider confirms (also for a replayed Idempotency-Key, with the `Idempotent-Replayed: true` header)", body = RefundShape), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json"), (status = "5XX", description = "problem+json: `busy`, `not_ready`, `shutting_down` or `not_leader` (503, retry after Retry-After), `provider_unavailable` (502) or `internal` (500)", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn refund_top_up(
     AxumState(app): App,
     headers: HeaderMap,
@@ -1009,7 +1315,7 @@ async fn refund_top_up(
     refund_answer(&app, PaymentCommand::RefundTopUp { key, top_up: top_up.id, amount, reason: body.reason }).await
 }
 
-#[utoipa::path(post, path = "/v1/operations/{id}/refunds", tag = "payments", summary = "Refund a charge or checkout to the consumer, taken from the merchant and the platform fee in proportion (the merchant or the platform)", request_body = CreateRefund, params(("id" = String, Path, description = "operation id"), ("Idempotency-Key" = String, Header, description = "required")), responses((status = 201, description = "the refund"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
+#[utoipa::path(post, path = "/v1/operations/{id}/refunds", tag = "payments", summary = "Refund a charge or checkout to the consumer, taken from the merchant and the platform fee in proportion (the merchant or the platform)", request_body = CreateRefund, params(("id" = String, Path, description = "operation id"), ("Idempotency-Key" = String, Header, description = "required")), responses((status = 201, description = "the refund (also for a replayed Idempotency-Key, with the `Idempotent-Replayed: true` header)", body = RefundShape), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json"), (status = "5XX", description = "problem+json: `busy`, `not_ready`, `shutting_down` or `not_leader` (503, retry after Retry-After), `provider_unavailable` (502) or `internal` (500)", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn refund_operation(
     AxumState(app): App,
     headers: HeaderMap,
@@ -1045,7 +1351,7 @@ async fn refund_operation(
     .await
 }
 
-#[utoipa::path(get, path = "/v1/refunds/{id}", tag = "payments", summary = "A refund", params(("id" = String, Path, description = "refund id")), responses((status = 200, description = "success, as JSON"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
+#[utoipa::path(get, path = "/v1/refunds/{id}", tag = "payments", summary = "A refund", params(("id" = String, Path, description = "refund id")), responses((status = 200, description = "the refund", body = RefundShape), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json"), (status = "5XX", description = "problem+json: `busy`, `not_ready`, `shutting_down` or `not_leader` (503, retry after Retry-After), `provider_unavailable` (502) or `internal` (500)", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn get_refund(AxumState(app): App, headers: HeaderMap, Path(id): Path<String>) -> ApiResult {
     let caller = caller(&app, &headers)?;
     let refund = parse_id("refund", &id, RefundId::parse)?;
@@ -1067,7 +1373,7 @@ async fn get_refund(AxumState(app): App, headers: HeaderMap, Path(id): Path<Stri
 /// Largest provider webhook body.
 const PROVIDER_WEBHOOK_BYTES_MAX: usize = 256 * 1024;
 
-#[utoipa::path(post, path = "/v1/provider-webhooks/stripe", tag = "payments", summary = "Stripe's webhooks (signed with the configured secret): a payment intent changed, so Tally asks Stripe where it stands and settles it", responses((status = 200, description = "received"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")))]
+#[utoipa::path(post, path = "/v1/provider-webhooks/stripe", tag = "payments", summary = "Stripe's webhooks (signed with the configured secret): a payment intent changed, so Tally asks Stripe where it stands and settles it", responses((status = 200, description = "received; the payment is settled in the background", body = ProviderWebhookReceived), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json"), (status = "5XX", description = "problem+json: `busy`, `not_ready`, `shutting_down` or `not_leader` (503, retry after Retry-After), `provider_unavailable` (502) or `internal` (500)", body = crate::error::Problem, content_type = "application/problem+json")))]
 async fn stripe_webhook(AxumState(app): App, headers: HeaderMap, body: Bytes) -> ApiResult {
     let payments = payments(&app)?;
     let Some(secret) = payments.config.webhook_secret.as_deref() else {

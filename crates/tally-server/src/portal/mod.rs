@@ -384,7 +384,24 @@ pub(crate) struct CreatePortalSession {
     organization: String,
 }
 
-#[utoipa::path(post, path = "/v1/portal-sessions", tag = "portal", summary = "A one-time customer portal link for a consumer organization (the platform, or a merchant the consumer subscribes to); it lasts 15 minutes and the session it opens one hour", request_body = CreatePortalSession, responses((status = 201, description = "success, as JSON: `url` to hand to the customer"), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
+// ---- response shapes (OpenAPI only) ----
+
+/// A one-time customer portal link.
+#[allow(dead_code)]
+#[derive(utoipa::ToSchema)]
+pub(crate) struct PortalSession {
+    /// Always `portal_session`.
+    object: String,
+    /// The consumer organization the link signs in as.
+    organization: String,
+    /// The link to hand to the customer: `<scheme>://<host>/portal/enter?token=…`, built
+    /// from the request's Host header (https when `X-Forwarded-Proto` says so). It works once.
+    url: String,
+    /// When the link stops working (15 minutes after it was made).
+    expires_at: String,
+}
+
+#[utoipa::path(post, path = "/v1/portal-sessions", tag = "portal", summary = "A one-time customer portal link for a consumer organization (the platform, or a merchant the consumer subscribes to); it lasts 15 minutes and the session it opens one hour", request_body = CreatePortalSession, responses((status = 201, description = "the one-time link: `url` to hand to the customer", body = PortalSession), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json"), (status = "5XX", description = "problem+json: `busy`, `not_ready`, `shutting_down` or `not_leader` (503, retry after Retry-After), `provider_unavailable` (502) or `internal` (500)", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 pub(crate) async fn create_portal_session(
     AxumState(app): App,
     headers: HeaderMap,

@@ -2,6 +2,7 @@
 
 #![allow(dead_code)]
 
+pub mod contract;
 pub mod fake_stripe;
 
 use reqwest::{Client, StatusCode};
@@ -163,7 +164,9 @@ impl Server {
         let response = request.send().await.unwrap();
         let status = response.status();
         let text = response.text().await.unwrap();
-        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+        let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        contract::check(method, path, status.as_u16(), &body);
+        (status, body)
     }
 
     pub async fn post(&self, path: &str, key: &str, idempotency: Option<&str>, body: Value) -> (StatusCode, Value) {
