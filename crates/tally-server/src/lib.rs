@@ -457,8 +457,8 @@ async fn run_money(app: &Arc<AppState>, caller: &Caller, headers: &HeaderMap, ac
     };
     let receipt = app.execute(command).await?;
     let (replayed, receipt) = match receipt {
-        Receipt::Replayed(_) => {
-            let original = app.history(move |reader| reader.receipt_for_key(key)).await?;
+        Receipt::Replayed(reference) => {
+            let original = app.history(move |reader| reader.receipt_for_key(key, reference)).await?;
             (true, original.ok_or_else(|| ApiError::new("internal", "the first answer to this key is missing"))?)
         }
         receipt => (false, receipt),

@@ -309,6 +309,24 @@ async fn a_retried_capture_replays_its_first_answer_and_holds_are_listed() {
     assert_eq!(status, StatusCode::NOT_FOUND, "{refused}");
     assert_eq!(server.wallet(&merchant).await["balance"], "2.00");
     assert_eq!(server.wallet(&wallet).await["held"], "4.00");
+    // Answers that posted no operation replay too: a placement (of a hold captured
+    // since) and a release, each under its own key.
+    let placed_again = json!({"amount": "2.00", "currency": "USD", "ttl_seconds": 60});
+    let (status, placement) = server.post(&format!("/v1/wallets/{wallet}/holds"), &key, Some("h1"), placed_again).await;
+    assert_eq!((status, placement["id"].as_str()), (StatusCode::CREATED, Some("hld_2")), "{placement}");
+    let (status, released) = server.post("/v1/holds/hld_3/release", &key, Some("rel"), json!({})).await;
+    assert_eq!(status, StatusCode::OK, "{released}");
+    let (again_status, again) = server.post("/v1/holds/hld_3/release", &key, Some("rel"), json!({})).await;
+    assert_eq!((again_status, &again), (status, &released));
+    // And a credit that made a grant: found through its operation.
+    let grant = json!({"amount": "1.00", "currency": "USD", "category": "promotional"});
+    let (status, first) =
+        server.post(&format!("/v1/wallets/{wallet}/grants"), &server.admin, Some("g"), grant.clone()).await;
+    assert_eq!(status, StatusCode::CREATED, "{first}");
+    let (again_status, again) =
+        server.post(&format!("/v1/wallets/{wallet}/grants"), &server.admin, Some("g"), grant).await;
+    assert_eq!((again_status, &again), (status, &first));
+    assert_eq!(server.wallet(&wallet).await["held"], "1.00");
     server.stop().await;
 }
 

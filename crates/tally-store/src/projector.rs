@@ -16,19 +16,21 @@ use std::time::Duration;
 use tally_ledger::billing::Quantity;
 use tally_ledger::{
     Account, Amount, Command, Currency, GrantId, GrantPortion, HoldId, IdempotencyKey, MeterId, MoneyAction, Operation,
-    OperationId, OrganizationId, ProductId, Receipt, SubscriptionId, Timestamp, WalletId,
+    OperationId, OrganizationId, ProductId, Receipt, ReceiptRef, SubscriptionId, Timestamp, WalletId,
 };
 
-/// Most journal records projected per transaction, so one transaction stays short.
-const PROJECTION_BATCH_RECORDS: i64 = 2048;
+/// Most journal records projected per transaction, so one transaction stays bounded. A
+/// full transaction means the projector is behind: it goes on without pausing.
+const PROJECTION_BATCH_RECORDS: i64 = 4096;
 /// While writes keep coming, the projector starts a transaction at most this often, so
-/// each one carries many operations: a history page (the hot merchant's movements, a
-/// leaf of the idempotency index) is then written once per transaction rather than once
-/// per operation, and the WAL and its checkpoints shrink accordingly. With 64 records
-/// per transaction and no pause, projecting took half the server's CPU under a transfer
-/// load. A reader that must see a write does not wait this long: it hurries the
-/// projector ([`Projector::wait_for`]).
-const PROJECTION_INTERVAL_MIN: Duration = Duration::from_millis(20);
+/// each one carries many operations: a history page (a wallet's latest movements, an
+/// organization's latest events) is then written once per transaction rather than once
+/// per operation, and the WAL and its checkpoints shrink accordingly. Under a transfer
+/// load over HTTP, 20 ms gave 18,805/s and 100 ms 23,907/s (30,113/s together with
+/// fewer idempotency-index rows), measured side by side (BENCHMARKS.md). The price is
+/// paid by a history read during heavy writes: it hurries the projector
+/// ([`Projector::wait_for`]) but waits for what is not yet projected, 40-54 ms then.
+const PROJECTION_INTERVAL_MIN: Duration = Duration::from_millis(100);
 /// Most movements one history query returns.
 pub const PAGE_SIZE_MAX: u32 = 500;
 
@@ -88,10 +90,12 @@ impl Projector {
                     while !stop.load(Ordering::Acquire) {
                         let started = std::time::Instant::now();
                         match project_some(&mut connection, watermark.load(Ordering::Acquire), &mut wallets) {
-                            Ok(Some(seq)) => {
+                            Ok(Some((seq, records))) => {
                                 watermark.store(seq, Ordering::Release);
-                                if let Some(rest) = PROJECTION_INTERVAL_MIN.checked_sub(started.elapsed()) {
-                                    hurry.wait(rest);
+                                let behind = records >= PROJECTION_BATCH_RECORDS as usize;
+                                match PROJECTION_INTERVAL_MIN.checked_sub(started.elapsed()) {
+                                    Some(rest) if !behind => hurry.wait(rest),
+                                    _ => {}
                                 }
                             }
                             Ok(None) => wake.wait(Duration::from_millis(50)),
@@ -364,9 +368,10 @@ fn project_some(
     connection: &mut Connection,
     after: u64,
     wallets: &mut WalletOwners,
-) -> Result<Option<u64>, StoreError> {
+) -> Result<Option<(u64, usize)>, StoreError> {
     let transaction = connection.transaction()?;
     let mut last = None;
+    let mut records = 0;
     {
         let mut select = transaction.prepare_cached(
             "SELECT seq, commands, receipts, at FROM ledger.journal WHERE seq > ?1 ORDER BY seq LIMIT ?2",
@@ -390,12 +395,19 @@ fn project_some(
         )?;
         let mut rows = select.query(params![after as i64, PROJECTION_BATCH_RECORDS])?;
         while let Some(row) = rows.next()? {
+            records += 1;
             let seq = row.get::<_, i64>(0)? as u64;
             let commands = codec::decode_commands(row.get_ref(1)?.as_blob()?, seq)?;
             let receipts = codec::decode_receipts(row.get_ref(2)?.as_blob()?, seq)?;
-            for (position, command) in commands.iter().enumerate() {
+            for (position, (command, receipt)) in commands.iter().zip(&receipts).enumerate() {
+                // A request that posted an operation is found again through it (see
+                // `receipt_for_key`); only the others need a row here. Keys are random, so
+                // each row dirties a page of its own: a row per transfer cost a fifth of
+                // the HTTP transfer rate.
                 if let Command::Move { key, .. } | Command::MoveAs { key, .. } = command {
-                    insert_key.execute(params![&key.0.to_le_bytes()[..], seq as i64, position as i64])?;
+                    if receipt.reference().operation.is_none() {
+                        insert_key.execute(params![&key.0.to_le_bytes()[..], seq as i64, position as i64])?;
+                    }
                 }
             }
             let at: i64 = row.get(3)?;
@@ -435,7 +447,7 @@ fn project_some(
         transaction.execute("UPDATE projection SET seq = ?1 WHERE id = 1", params![seq as i64])?;
         transaction.commit()?;
     }
-    Ok(last)
+    Ok(last.map(|seq| (seq, records)))
 }
 
 /// One line of a wallet's history.
@@ -617,21 +629,46 @@ impl HistoryReader {
 
     /// The receipt a money-moving request got the first time its key was used, once
     /// history has caught up with it; an HTTP replay renders the same answer from it.
-    pub fn receipt_for_key(&self, key: IdempotencyKey) -> Result<Option<Receipt>, StoreError> {
-        let found: Option<(i64, i64)> = self
-            .connection
-            .query_row(
-                "SELECT seq, position FROM idempotency_index WHERE key = ?1",
-                params![&key.0.to_le_bytes()[..]],
-                |row| Ok((row.get(0)?, row.get(1)?)),
-            )
-            .optional()?;
+    /// `reference` is what the ledger remembers of that first answer: when it names an
+    /// operation, the journal record that posted the operation holds the request (the
+    /// first command there with this key); otherwise the idempotency index says where.
+    pub fn receipt_for_key(&self, key: IdempotencyKey, reference: ReceiptRef) -> Result<Option<Receipt>, StoreError> {
+        let by_operation: Option<i64> = match reference.operation {
+            Some(operation) => self
+                .connection
+                .query_row("SELECT seq FROM operations WHERE id = ?1", params![operation.0 as i64], |row| row.get(0))
+                .optional()?,
+            None => None,
+        };
+        let found: Option<(i64, Option<i64>)> = match by_operation {
+            Some(seq) => Some((seq, None)),
+            None => self
+                .connection
+                .query_row(
+                    "SELECT seq, position FROM idempotency_index WHERE key = ?1",
+                    params![&key.0.to_le_bytes()[..]],
+                    |row| Ok((row.get(0)?, Some(row.get(1)?))),
+                )
+                .optional()?,
+        };
         let Some((seq, position)) = found else { return Ok(None) };
-        let receipts: Vec<u8> =
-            self.connection
-                .query_row("SELECT receipts FROM ledger.journal WHERE seq = ?1", params![seq], |row| row.get(0))?;
+        let (commands, receipts): (Vec<u8>, Vec<u8>) = self.connection.query_row(
+            "SELECT commands, receipts FROM ledger.journal WHERE seq = ?1",
+            params![seq],
+            |row| Ok((row.get(0)?, row.get(1)?)),
+        )?;
+        let position = match position {
+            Some(position) => position as usize,
+            None => {
+                let commands = codec::decode_commands(&commands, seq as u64)?;
+                let first = commands.iter().position(
+                    |command| matches!(command, Command::Move { key: k, .. } | Command::MoveAs { key: k, .. } if *k == key),
+                );
+                let Some(position) = first else { return Ok(None) };
+                position
+            }
+        };
         let mut receipts = codec::decode_receipts(&receipts, seq as u64)?;
-        let position = position as usize;
         Ok((position < receipts.len()).then(|| receipts.swap_remove(position)))
     }
 
