@@ -408,6 +408,12 @@ impl State {
             .filter_map(|(_, id)| self.holds.get(id))
     }
 
+    /// What the ledger remembers of a charged usage event (its operation, if it posted
+    /// one), while the event id is kept.
+    pub fn usage_key(&self, key: IdempotencyKey) -> Option<IdempotencyRecord> {
+        self.usage_keys.get(key.0).or_else(|| self.usage_keys_previous.get(key.0)).copied()
+    }
+
     pub fn wallet_for(&self, organization: OrganizationId, currency: Currency) -> Option<WalletId> {
         let found = self.organization(organization)?.wallets.iter().find(|(c, _)| *c == currency);
         found.map(|(_, wallet)| *wallet)

@@ -1169,7 +1169,8 @@ async fn usage_outcome(
             Ok(Outcome::Charged(charge, currency))
         }
         Err(Rejection::DuplicateEvent) => {
-            let record = app.history(move |reader| reader.usage_record(key)).await?;
+            let operation = app.read(move |state| state.usage_key(key).and_then(|r| r.reference().operation)).await?;
+            let record = app.history(move |reader| reader.usage_record(key, operation)).await?;
             let original = match record {
                 Some(record) => {
                     let subscription = record.subscription;

@@ -104,6 +104,15 @@ async fn usage_is_charged_at_once_and_duplicates_answer_the_original() {
     assert_eq!(duplicate["original"]["amount"], "0.024");
     assert_eq!(duplicate["original"]["operation"], charged["operation"]);
     assert_eq!(server.wallet(&b.consumer_wallet).await["balance"], "49.976");
+    // An event that costs nothing posts no operation; its duplicate finds it all the same.
+    let (status, free) = server.post("/v1/usage", &b.merchant_key, None, usage(&b, "evt-0", "tokens", "0")).await;
+    assert_eq!((status, &free["operation"]), (StatusCode::CREATED, &Value::Null), "{free}");
+    let (status, duplicate) = server.post("/v1/usage", &b.merchant_key, None, usage(&b, "evt-0", "tokens", "5")).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{duplicate}");
+    assert_eq!(
+        (duplicate["original"]["quantity"].as_str(), duplicate["original"]["operation"].is_null()),
+        (Some("0"), true)
+    );
     // Refusals carry their codes.
     let cases = [
         (usage(&b, "evt-2", "minutes", "1"), StatusCode::UNPROCESSABLE_ENTITY, "unknown_meter"),

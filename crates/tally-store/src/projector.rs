@@ -386,7 +386,7 @@ fn project_some(
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
         )?;
         let mut insert_usage = transaction.prepare_cached(
-            "INSERT OR REPLACE INTO usage_records (key, seq, subscription, meter, dimension, period_start, event_at,
+            "INSERT INTO usage_records (key, seq, subscription, meter, dimension, period_start, event_at,
                 quantity, amount, fee, operation_id, reservation, released, balance_after)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
         )?;
@@ -672,10 +672,28 @@ impl HistoryReader {
         Ok((position < receipts.len()).then(|| receipts.swap_remove(position)))
     }
 
-    /// The record of a charged usage event, by the digest of its id.
-    pub fn usage_record(&self, key: IdempotencyKey) -> Result<Option<UsageRecord>, StoreError> {
-        let mut statement = self.connection.prepare_cached(&format!("{USAGE_SELECT} WHERE key = ?1"))?;
-        Ok(statement.query_row(params![&key.0.to_le_bytes()[..]], usage_row).optional()?)
+    /// The record of a charged usage event: by the operation its charge posted (what the
+    /// ledger remembers of the event), or, for a charge of nothing, by the digest of its id.
+    pub fn usage_record(
+        &self,
+        key: IdempotencyKey,
+        operation: Option<OperationId>,
+    ) -> Result<Option<UsageRecord>, StoreError> {
+        let found = match operation {
+            Some(operation) => self
+                .connection
+                .prepare_cached(&format!("{USAGE_SELECT} WHERE operation_id = ?1"))?
+                .query_row(params![operation.0 as i64], usage_row)
+                .optional()?,
+            None => self
+                .connection
+                .prepare_cached(&format!(
+                    "{USAGE_SELECT} WHERE key = ?1 AND operation_id IS NULL ORDER BY seq DESC LIMIT 1"
+                ))?
+                .query_row(params![&key.0.to_le_bytes()[..]], usage_row)
+                .optional()?,
+        };
+        Ok(found)
     }
 
     /// Every charged usage event of a subscription's period, oldest first (at most
