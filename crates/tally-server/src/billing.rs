@@ -442,13 +442,15 @@ pub struct SubscriptionShape {
     /// first period's recurring fee, or null when none was charged.
     pub first_fee_operation: Option<String>,
 }
-/// Subscriptions (at most 1,000; not paged).
+/// A page of subscriptions, oldest first.
 #[allow(dead_code)]
 #[derive(ToSchema)]
 pub struct SubscriptionList {
     /// Always `list`.
     pub object: String,
     pub data: Vec<SubscriptionShape>,
+    /// The cursor of the next page (give it as `after`), or null on the last one.
+    pub next_cursor: Option<String>,
 }
 
 /// Part of a usage charge paid from one source.
@@ -1013,9 +1015,11 @@ async fn subscribe(AxumState(app): App, headers: HeaderMap, ApiJson(body): ApiJs
 struct SubscriptionQuery {
     consumer: Option<String>,
     merchant: Option<String>,
+    limit: Option<u32>,
+    after: Option<String>,
 }
 
-#[utoipa::path(get, path = "/v1/subscriptions", tag = "subscriptions", summary = "Subscriptions the caller is party to, by consumer or merchant", params(("consumer" = Option<String>, Query, description = "filter by consumer"), ("merchant" = Option<String>, Query, description = "filter by merchant")), responses((status = 200, description = "the subscriptions", body = SubscriptionList), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json"), (status = "5XX", description = "problem+json: `busy`, `not_ready`, `shutting_down` or `not_leader` (503, retry after Retry-After), `provider_unavailable` (502) or `internal` (500)", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
+#[utoipa::path(get, path = "/v1/subscriptions", tag = "subscriptions", summary = "Subscriptions the caller is party to, by consumer or merchant", params(("consumer" = Option<String>, Query, description = "filter by consumer"), ("merchant" = Option<String>, Query, description = "filter by merchant"), ("limit" = Option<u32>, Query, description = "page size, default 50, at most 500"), ("after" = Option<String>, Query, description = "cursor: the last subscription id seen (`next_cursor`)")), responses((status = 200, description = "a page of subscriptions, oldest first", body = SubscriptionList), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json"), (status = "5XX", description = "problem+json: `busy`, `not_ready`, `shutting_down` or `not_leader` (503, retry after Retry-After), `provider_unavailable` (502) or `internal` (500)", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn list_subscriptions(
     AxumState(app): App,
     headers: HeaderMap,
@@ -1030,19 +1034,23 @@ async fn list_subscriptions(
         Some(text) => Some(parse_id("merchant", text, OrganizationId::parse)?),
         None => None,
     };
-    let data = app
+    let after = match query.after.as_deref() {
+        Some(cursor) => parse_id("after", cursor, SubscriptionId::parse)?.0,
+        None => 0,
+    };
+    let (data, next) = app
         .read(move |state| {
-            state
+            let mine = state
                 .subscriptions
                 .iter()
+                .skip(after as usize)
                 .filter(|s| may_see(&caller, s))
-                .filter(|s| consumer.is_none_or(|c| c == s.consumer) && merchant.is_none_or(|m| m == s.merchant))
-                .take(LISTED_MAX)
-                .map(|s| subscription_view(state, s))
-                .collect::<Vec<_>>()
+                .filter(|s| consumer.is_none_or(|c| c == s.consumer) && merchant.is_none_or(|m| m == s.merchant));
+            let (items, next) = page(mine, query.limit, |s| s.id.to_string());
+            (items.into_iter().map(|s| subscription_view(state, s)).collect::<Vec<_>>(), next)
         })
         .await?;
-    Ok(ok(json!({"object": "list", "data": data})))
+    Ok(ok(json!({"object": "list", "data": data, "next_cursor": next})))
 }
 
 async fn visible_subscription(app: &AppState, caller: &Caller, id: &str) -> Result<(Subscription, Value), ApiError> {

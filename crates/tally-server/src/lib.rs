@@ -373,6 +373,24 @@ fn platform_fee(caller: &Caller, fee_amount: Option<&str>) -> Result<Fee, ApiErr
     }
 }
 
+/// One page of a list already in cursor order: at most `limit` items (default
+/// `PAGE_SIZE_DEFAULT`, at most `PAGE_SIZE_MAX`) and, when more follow, the cursor of
+/// the next page: the id of the last item returned.
+pub(crate) fn page<T>(
+    items: impl Iterator<Item = T>,
+    limit: Option<u32>,
+    id: impl Fn(&T) -> String,
+) -> (Vec<T>, Option<String>) {
+    let limit = limit.unwrap_or(PAGE_SIZE_DEFAULT).clamp(1, tally_store::PAGE_SIZE_MAX) as usize;
+    let mut items: Vec<T> = items.take(limit + 1).collect();
+    if items.len() <= limit {
+        return (items, None);
+    }
+    items.truncate(limit);
+    let next = items.last().map(id);
+    (items, next)
+}
+
 fn parse_id<T>(field: &str, text: &str, parse: fn(&str) -> Option<T>) -> Result<T, ApiError> {
     parse(text).ok_or_else(|| ApiError::field("not_found", field, format!("no such {field}")))
 }

@@ -665,9 +665,11 @@ async fn create_payout(AxumState(app): App, headers: HeaderMap, ApiJson(body): A
 #[derive(Deserialize)]
 struct PayoutQuery {
     organization: Option<String>,
+    limit: Option<u32>,
+    before: Option<String>,
 }
 
-#[utoipa::path(get, path = "/v1/payouts", tag = "payouts", summary = "Payouts, newest first (an organization's own; admins may filter by organization)", params(("organization" = Option<String>, Query, description = "filter by organization")), responses((status = 200, description = "payouts, newest first", body = PayoutList), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json"), (status = "5XX", description = "problem+json: `busy`, `not_ready`, `shutting_down` or `not_leader` (503, retry after Retry-After), `provider_unavailable` (502) or `internal` (500)", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
+#[utoipa::path(get, path = "/v1/payouts", tag = "payouts", summary = "Payouts, newest first (an organization's own; admins may filter by organization)", params(("organization" = Option<String>, Query, description = "filter by organization"), ("limit" = Option<u32>, Query, description = "page size, default 50, at most 500"), ("before" = Option<String>, Query, description = "cursor: the last payout id seen (`next_cursor`)")), responses((status = 200, description = "a page of payouts, newest first", body = PayoutList), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json"), (status = "5XX", description = "problem+json: `busy`, `not_ready`, `shutting_down` or `not_leader` (503, retry after Retry-After), `provider_unavailable` (502) or `internal` (500)", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn list_payouts(AxumState(app): App, headers: HeaderMap, Query(query): Query<PayoutQuery>) -> ApiResult {
     let caller = caller(&app, &headers)?;
     let filter = match (&caller, query.organization.as_deref()) {
@@ -675,14 +677,20 @@ async fn list_payouts(AxumState(app): App, headers: HeaderMap, Query(query): Que
         (Caller::Admin { .. }, Some(text)) => Some(parse_id("organization", text, OrganizationId::parse)?),
         (Caller::Admin { .. }, None) => None,
     };
-    let data = app
+    let before = match query.before.as_deref() {
+        Some(cursor) => Some(parse_id("before", cursor, PayoutId::parse)?.0),
+        None => None,
+    };
+    let (data, next) = app
         .read(move |state| {
-            let payouts = state.payouts.payouts.iter().rev();
-            let mine = payouts.filter(|p| filter.is_none_or(|o| p.organization == o));
-            mine.take(LISTED_MAX).map(payout_view).collect::<Vec<_>>()
+            let all = &state.payouts.payouts;
+            let older = &all[..before.map_or(all.len(), |b| (b.saturating_sub(1) as usize).min(all.len()))];
+            let mine = older.iter().rev().filter(|p| filter.is_none_or(|o| p.organization == o));
+            let (items, next) = page(mine, query.limit, |p| p.id.to_string());
+            (items.into_iter().map(payout_view).collect::<Vec<_>>(), next)
         })
         .await?;
-    Ok(ok(json!({"object": "list", "data": data})))
+    Ok(ok(json!({"object": "list", "data": data, "next_cursor": next})))
 }
 
 #[utoipa::path(get, path = "/v1/payouts/{id}", tag = "payouts", summary = "A payout", params(("id" = String, Path, description = "payout id")), responses((status = 200, description = "the payout", body = PayoutShape), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json"), (status = "5XX", description = "problem+json: `busy`, `not_ready`, `shutting_down` or `not_leader` (503, retry after Retry-After), `provider_unavailable` (502) or `internal` (500)", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]

@@ -79,6 +79,34 @@ async fn billing(server: &Server, funds: &str) -> Billing {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscriptions_are_listed_in_pages() {
+    let server = Server::start().await;
+    let b = billing(&server, "10.00").await;
+    let (_, plans) = server.get("/v1/plans", &b.merchant_key).await;
+    let plan = plans["data"][0]["id"].as_str().unwrap().to_string();
+    for name in ["Second", "Third"] {
+        let (consumer, _, key) = server.organization(name).await;
+        let (status, body) =
+            server.post("/v1/subscriptions", &key, None, json!({"consumer": consumer, "plan": plan})).await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+    }
+    let ids = |page: &Value| -> Vec<String> {
+        page["data"].as_array().unwrap().iter().map(|s| s["id"].as_str().unwrap().to_string()).collect()
+    };
+    let (status, first) = server.get("/v1/subscriptions?limit=2", &b.merchant_key).await;
+    assert_eq!(status, StatusCode::OK, "{first}");
+    assert_eq!((ids(&first), first["next_cursor"].as_str()), (vec!["sub_1".into(), "sub_2".into()], Some("sub_2")));
+    let (_, rest) = server.get("/v1/subscriptions?limit=2&after=sub_2", &b.merchant_key).await;
+    assert_eq!((ids(&rest), rest["next_cursor"].is_null()), (vec!["sub_3".to_string()], true));
+    // A consumer sees only its own, paged the same way.
+    let (_, own) = server.get("/v1/subscriptions?limit=2", &b.consumer_key).await;
+    assert_eq!((ids(&own), own["next_cursor"].is_null()), (vec!["sub_1".to_string()], true));
+    let (status, bad) = server.get("/v1/subscriptions?after=nope", &b.merchant_key).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{bad}");
+    server.stop().await;
+}
+
 fn usage(b: &Billing, id: &str, meter: &str, quantity: &str) -> Value {
     json!({"event_id": id, "consumer": b.consumer, "meter": meter, "quantity": quantity})
 }

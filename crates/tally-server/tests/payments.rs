@@ -196,6 +196,22 @@ async fn a_top_up_charges_only_the_total_reviewed_and_a_method_is_saved_once() {
     // The same key with another reviewed total is another request.
     let (status, body) = reviewed("r2", "23.00").await;
     assert_eq!((status, body["code"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("idempotency_key_mismatch")));
+    // Top-ups are listed newest first, in pages.
+    for total in ["r3", "r4"] {
+        let (status, body) = reviewed(total, "22.00").await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+    }
+    let path = format!("/v1/wallets/{wallet}/top-ups");
+    let ids = |page: &Value| -> Vec<String> {
+        page["data"].as_array().unwrap().iter().map(|t| t["id"].as_str().unwrap().to_string()).collect()
+    };
+    let (_, all) = server.get(&path, &key).await;
+    let all = ids(&all);
+    assert_eq!(all.len(), 3, "{all:?}");
+    let (_, first) = server.get(&format!("{path}?limit=2"), &key).await;
+    assert_eq!((ids(&first), first["next_cursor"].as_str()), (all[..2].to_vec(), Some(all[1].as_str())));
+    let (_, rest) = server.get(&format!("{path}?limit=2&before={}", all[1]), &key).await;
+    assert_eq!((ids(&rest), rest["next_cursor"].is_null()), (all[2..].to_vec(), true));
     server.stop().await;
 }
 

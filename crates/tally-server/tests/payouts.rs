@@ -145,6 +145,11 @@ async fn seed_a_verified_merchant_pays_out_999_99_and_every_refusal_has_its_code
     assert!(kinds.contains(&"payout.created") && kinds.contains(&"payout.paid"), "{kinds:?}");
     let (_, list) = server.get("/v1/payouts", &key).await;
     assert_eq!(list["data"].as_array().unwrap().len(), 1);
+    // Paged newest first: one page here, and nothing before the only payout.
+    let (_, page) = server.get("/v1/payouts?limit=1", &key).await;
+    assert_eq!((page["data"][0]["id"].as_str(), page["next_cursor"].is_null()), (Some(id), true), "{page}");
+    let (_, older) = server.get(&format!("/v1/payouts?before={id}"), &key).await;
+    assert_eq!((older["data"].as_array().map(Vec::len), older["next_cursor"].is_null()), (Some(0), true), "{older}");
     let (_, _, stranger) = server.organization("Stranger").await;
     assert_eq!(server.get(&format!("/v1/payouts/{id}"), &stranger).await.0, StatusCode::NOT_FOUND);
     server.stop().await;

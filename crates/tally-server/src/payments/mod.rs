@@ -901,17 +901,35 @@ async fn create_top_up(
     Ok(created_or_replayed(view, created))
 }
 
-#[utoipa::path(get, path = "/v1/wallets/{id}/top-ups", tag = "payments", summary = "A wallet's top-ups, newest first", params(("id" = String, Path, description = "wallet id")), responses((status = 200, description = "the wallet's top-ups, newest first", body = TopUpList), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json"), (status = "5XX", description = "problem+json: `busy`, `not_ready`, `shutting_down` or `not_leader` (503, retry after Retry-After), `provider_unavailable` (502) or `internal` (500)", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
-async fn list_top_ups(AxumState(app): App, headers: HeaderMap, Path(id): Path<String>) -> ApiResult {
+#[derive(Deserialize)]
+struct TopUpQuery {
+    limit: Option<u32>,
+    before: Option<String>,
+}
+
+#[utoipa::path(get, path = "/v1/wallets/{id}/top-ups", tag = "payments", summary = "A wallet's top-ups, newest first", params(("id" = String, Path, description = "wallet id"), ("limit" = Option<u32>, Query, description = "page size, default 50, at most 500"), ("before" = Option<String>, Query, description = "cursor: the last top-up id seen (`next_cursor`)")), responses((status = 200, description = "the wallet's top-ups, newest first", body = TopUpList), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json"), (status = "5XX", description = "problem+json: `busy`, `not_ready`, `shutting_down` or `not_leader` (503, retry after Retry-After), `provider_unavailable` (502) or `internal` (500)", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
+async fn list_top_ups(
+    AxumState(app): App,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Query(query): Query<TopUpQuery>,
+) -> ApiResult {
     let caller = caller(&app, &headers)?;
     let (wallet, _, _) = owned_wallet_meta(&app, &caller, &id).await?;
-    let data = app
+    let before = match query.before.as_deref() {
+        Some(cursor) => Some(parse_id("before", cursor, TopUpId::parse)?.0),
+        None => None,
+    };
+    let (data, next) = app
         .read(move |state| {
-            let top_ups = state.payments.top_ups.iter().rev().filter(|t| t.wallet == wallet);
-            top_ups.take(LISTED_MAX).map(top_up_view).collect::<Vec<_>>()
+            let all = &state.payments.top_ups;
+            let older = &all[..before.map_or(all.len(), |b| (b.saturating_sub(1) as usize).min(all.len()))];
+            let top_ups = older.iter().rev().filter(|t| t.wallet == wallet);
+            let (items, next) = page(top_ups, query.limit, |t| t.id.to_string());
+            (items.into_iter().map(top_up_view).collect::<Vec<_>>(), next)
         })
         .await?;
-    Ok(ok(json!({"object": "list", "data": data})))
+    Ok(ok(json!({"object": "list", "data": data, "next_cursor": next})))
 }
 
 // ---- response shapes (OpenAPI only) ----
