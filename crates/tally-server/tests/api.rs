@@ -488,7 +488,7 @@ async fn the_contract_check_refuses_answers_that_differ_from_the_document() {
     assert_eq!(status, StatusCode::OK);
     let template = template_of(&format!("/v1/wallets/{wallet}?x=1")).unwrap();
     assert_eq!(template, "/v1/wallets/{id}");
-    let schema = response_schema("GET", &template, 200).expect("a documented wallet");
+    let schema = response_schema("GET", &template, 200, "application/json").expect("a documented wallet");
     assert_eq!(validate(schema, &answer, "$"), Ok(()));
     let mut extra = answer.clone();
     extra["surprise"] = json!(1);
@@ -506,13 +506,14 @@ async fn the_contract_check_refuses_answers_that_differ_from_the_document() {
     nested["grants"] = json!([{"id": "grt_1"}]);
     assert!(validate(schema, &nested, "$").unwrap_err().contains("grants[0]"));
     // Errors are checked against the problem schema.
-    let problem = response_schema("GET", &template, 404).expect("a documented problem");
+    let problem = response_schema("GET", &template, 404, "application/problem+json").expect("a documented problem");
+    assert!(response_schema("GET", &template, 404, "application/json").is_none(), "errors are problem+json only");
     let (status, body) = server.get("/v1/wallets/wal_999", &key).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     assert_eq!(validate(problem, &body, "$"), Ok(()));
     assert!(validate(problem, &json!({"code": 5}), "$").is_err());
     // A hold answers either shape: active or resolved.
-    let hold = response_schema("GET", "/v1/holds/{id}", 200).unwrap();
+    let hold = response_schema("GET", "/v1/holds/{id}", 200, "application/json").unwrap();
     let resolved = json!({"id": "hld_1", "object": "hold", "wallet": wallet, "amount": "1.00", "currency": "USD",
         "status": "released", "created_at": "2026-01-01T00:00:00Z", "expires_at": "2026-01-01T00:01:00Z",
         "resolved_at": "2026-01-01T00:00:30Z", "released": "1.00"});

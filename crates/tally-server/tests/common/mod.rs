@@ -163,9 +163,15 @@ impl Server {
         }
         let response = request.send().await.unwrap();
         let status = response.status();
+        let content_type = response
+            .headers()
+            .get(reqwest::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string();
         let text = response.text().await.unwrap();
         let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
-        contract::check(method, path, status.as_u16(), &body);
+        contract::check(method, path, status.as_u16(), &content_type, &body);
         (status, body)
     }
 
