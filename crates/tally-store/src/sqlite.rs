@@ -154,6 +154,11 @@ pub(crate) fn migrate(connection: &mut Connection, migrations: &[&str]) -> Resul
         return Err(StoreError::NewerFormat { found: version as u32, supported: known as u32 });
     }
     for (index, migration) in migrations.iter().enumerate().skip(version as usize) {
+        if version > 0 {
+            // An existing file: a migration may copy a large table, so say what it waits for.
+            let file = connection.path().unwrap_or_default().to_string();
+            tracing::info!(%file, from = index, to = index + 1, "migrating the schema");
+        }
         let transaction = connection.transaction()?;
         transaction.execute_batch(migration)?;
         transaction.pragma_update(None, "user_version", index as i64 + 1)?;
