@@ -429,6 +429,17 @@ pub enum PaymentReceipt {
 }
 
 impl PaymentReceipt {
+    /// A top-up just created, pending until the provider answers.
+    fn created_top_up(top_up: TopUp) -> PaymentReceipt {
+        PaymentReceipt::TopUp {
+            top_up: Box::new(top_up),
+            created: true,
+            settled: false,
+            operation: None,
+            rule_disabled: false,
+        }
+    }
+
     /// A top-up as it stands, when a command (a repeat, a late answer) changes nothing.
     fn unchanged_top_up(top_up: &TopUp) -> PaymentReceipt {
         PaymentReceipt::TopUp {
@@ -800,13 +811,7 @@ impl State {
         }
         let top_up = self.new_top_up(wallet, amount, method, false, reviewed_total, now)?;
         self.payments.top_up_keys.insert(key.0, top_up.id);
-        Ok(PaymentReceipt::TopUp {
-            top_up: Box::new(top_up),
-            created: true,
-            settled: false,
-            operation: None,
-            rule_disabled: false,
-        })
+        Ok(PaymentReceipt::created_top_up(top_up))
     }
 
     fn new_top_up(
@@ -915,13 +920,7 @@ impl State {
         state.day = day_of(now);
         state.day_count = day_count + 1;
         state.day_amount = day_amount + amount.units();
-        Ok(PaymentReceipt::TopUp {
-            top_up: Box::new(top_up),
-            created: true,
-            settled: false,
-            operation: None,
-            rule_disabled: false,
-        })
+        Ok(PaymentReceipt::created_top_up(top_up))
     }
 
     /// Notes, after a debit or hold on `wallet`, that its auto top-up is due.

@@ -391,6 +391,12 @@ pub(crate) fn page<T>(
     (items, next)
 }
 
+/// The items of a list kept in id order (index = id - 1) that come before the cursor id
+/// `before`, or all of them without one: the newest-first lists page through these.
+pub(crate) fn before_cursor<T>(all: &[T], before: Option<u64>) -> &[T] {
+    &all[..before.map_or(all.len(), |id| (id.saturating_sub(1) as usize).min(all.len()))]
+}
+
 fn parse_id<T>(field: &str, text: &str, parse: fn(&str) -> Option<T>) -> Result<T, ApiError> {
     parse(text).ok_or_else(|| ApiError::field("not_found", field, format!("no such {field}")))
 }

@@ -683,8 +683,7 @@ async fn list_payouts(AxumState(app): App, headers: HeaderMap, Query(query): Que
     };
     let (data, next) = app
         .read(move |state| {
-            let all = &state.payouts.payouts;
-            let older = &all[..before.map_or(all.len(), |b| (b.saturating_sub(1) as usize).min(all.len()))];
+            let older = before_cursor(&state.payouts.payouts, before);
             let mine = older.iter().rev().filter(|p| filter.is_none_or(|o| p.organization == o));
             let (items, next) = page(mine, query.limit, |p| p.id.to_string());
             (items.into_iter().map(payout_view).collect::<Vec<_>>(), next)

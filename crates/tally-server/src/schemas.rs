@@ -27,7 +27,6 @@ macro_rules! list {
         }
     };
 }
-#[allow(unused_imports)]
 pub(crate) use list;
 
 /// `{"status": "ok"}` or `{"status": "ready"}`.

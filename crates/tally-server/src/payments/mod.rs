@@ -922,8 +922,7 @@ async fn list_top_ups(
     };
     let (data, next) = app
         .read(move |state| {
-            let all = &state.payments.top_ups;
-            let older = &all[..before.map_or(all.len(), |b| (b.saturating_sub(1) as usize).min(all.len()))];
+            let older = before_cursor(&state.payments.top_ups, before);
             let top_ups = older.iter().rev().filter(|t| t.wallet == wallet);
             let (items, next) = page(top_ups, query.limit, |t| t.id.to_string());
             (items.into_iter().map(top_up_view).collect::<Vec<_>>(), next)
