@@ -168,7 +168,22 @@ async fn usage_is_charged_at_once_and_duplicates_answer_the_original() {
     let (_, events) = server.get("/v1/events?type=usage.charged", &b.consumer_key).await;
     let events = events["data"].as_array().unwrap().clone();
     assert_eq!(events.len(), 1, "{events:?}");
-    assert_eq!(events[0]["data"]["amount"], "0.024");
+    // History stores the event's data compactly and rebuilds it for readers: every field.
+    assert_eq!(
+        events[0]["data"],
+        json!({
+            "object": "usage_charge",
+            "subscription": charged["subscription"],
+            "meter": "tokens",
+            "quantity": "1200",
+            "amount": "0.024",
+            "platform_fee": "0.0012",
+            "currency": "USD",
+            "operation": charged["operation"],
+            "balance_after": "49.976",
+        })
+    );
+    assert!(charged["subscription"].as_str().is_some_and(|s| s.starts_with("sub_")), "{charged}");
     let (_, created) = server.get("/v1/events?type=subscription.created", &b.merchant_key).await;
     assert_eq!(created["data"].as_array().unwrap().len(), 1);
     // A consumer's key cannot report usage: it is not a merchant.
