@@ -11,12 +11,14 @@ cd "$(dirname "$0")/../.."
 DURATION="${DURATION:-20s}"
 export TALLY_CONSUMERS="${CONSUMERS:-200}"
 PORT="${PORT:-18182}"
+source bench/http/thread-cpu.sh
 command -v wrk >/dev/null || { echo "wrk is missing: apt-get install -y wrk" >&2; exit 1; }
 # TALLY_BIN runs a given build (to compare two side by side); otherwise build this one.
 if [ -z "${TALLY_BIN:-}" ]; then cargo build --release --quiet; fi
 tally=${TALLY_BIN:-${CARGO_TARGET_DIR:-target}/release/tally}
+# KEEP_DATA=DIR keeps the server's files there afterwards (to replay the journal, say).
 data=$(mktemp -d)
-trap 'kill $server 2>/dev/null; wait $server 2>/dev/null; rm -rf "$data"' EXIT
+trap 'kill $server 2>/dev/null; wait $server 2>/dev/null; [ -n "${KEEP_DATA:-}" ] && mv "$data" "$KEEP_DATA"; rm -rf "$data"' EXIT
 TALLY_LOG=warn "$tally" serve --data-dir "$data" --listen "127.0.0.1:$PORT" --webhooks-allow-private > "$data/out.txt" &
 server=$!
 for _ in $(seq 50); do grep -q tly_adm_ "$data/out.txt" 2>/dev/null && break; sleep 0.1; done
@@ -38,12 +40,16 @@ if [ -n "${WEBHOOK_URL:-}" ]; then
   api POST /v1/webhook-endpoints "" "{\"url\":\"$WEBHOOK_URL\",\"event_types\":[\"*\"]}" > /dev/null
 fi
 if [ -z "${ONLY:-}" ] || [ "$ONLY" = batch ]; then
+phase_cpu "$server" > /dev/null
 echo "== usage batches of 10,000 events: TALLY_BATCH=10000 wrk -t2 -c4 -d$DURATION --latency -s bench/http/usage.lua"
 TALLY_BATCH=10000 wrk -t2 -c4 -d"$DURATION" --timeout 30s --latency -s bench/http/usage.lua "http://127.0.0.1:$PORT" | grep -E "Latency|50%|99%|Requests/sec|requests in|Non-2xx|unexpected" | head -12
+phase_cpu "$server"
 fi
 if [ -z "${ONLY:-}" ] || [ "$ONLY" = single ]; then
+phase_cpu "$server" > /dev/null
 echo "== single usage events: wrk -t2 -c64 -d$DURATION --latency -s bench/http/usage.lua"
 wrk -t2 -c64 -d"$DURATION" --latency -s bench/http/usage.lua "http://127.0.0.1:$PORT" | grep -E "Latency|50%|99%|Requests/sec|requests in|Non-2xx|unexpected" | head -12
+phase_cpu "$server"
 fi
 if [ -n "${WEBHOOK_URL:-}" ]; then
   # Deliveries run behind requests (a lower-priority thread): report how far behind
@@ -58,8 +64,10 @@ if [ -n "${WEBHOOK_URL:-}" ]; then
   echo "== webhooks caught up in $(awk -v a="$start" -v b="$(date +%s.%N)" 'BEGIN {printf "%.1f", b - a}') s: delivered $(metric 'tally_webhook_deliveries_total{outcome="delivered"') backlog $(metric tally_webhook_backlog)"
 fi
 if [ -z "${ONLY:-}" ] || [ "$ONLY" = access ]; then
+phase_cpu "$server" > /dev/null
 echo "== access checks: wrk -t2 -c${CONNECTIONS:-64} -d$DURATION --latency -s bench/http/access-check.lua"
 wrk -t2 -c"${CONNECTIONS:-64}" -d"$DURATION" --latency -s bench/http/access-check.lua "http://127.0.0.1:$PORT" | grep -E "Latency|50%|99%|Requests/sec|requests in|Non-2xx|unexpected" | head -12
+phase_cpu "$server"
 fi
 if [ "${ONLY:-}" = access-open ]; then
 rate=${RATE:-30000}

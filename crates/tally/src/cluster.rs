@@ -35,6 +35,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     let lease_ms = args.lease_ms as i64;
     let local = args.database.local_path()?;
+    let _lock = crate::lock_files(&local)?;
     // The node's local file: its copy of the journal, history, webhook deliveries.
     drop(SqliteStore::open(&local).with_context(|| format!("opening {}", local.display()))?);
     // The store first: it creates the schema and brings the tables up to date.

@@ -103,6 +103,13 @@ enum AdminCommand {
         #[arg(long)]
         read_only: bool,
     },
+    /// With the server stopped: throw the history database away and project it again
+    /// from the journal (the journal is the truth; history is derived from it). Prints
+    /// how long the projection took.
+    RebuildHistory {
+        #[command(flatten)]
+        database: DatabaseArgs,
+    },
 }
 
 #[derive(clap::Args)]
@@ -273,6 +280,7 @@ fn main() -> anyhow::Result<()> {
         Commands::Admin(AdminCommand::CreateKey { database, organization, name, read_only }) => {
             create_key(database, organization, name, read_only)
         }
+        Commands::Admin(AdminCommand::RebuildHistory { database }) => rebuild_history(database),
     }
 }
 
@@ -281,6 +289,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         return cluster::serve(args);
     }
     let path = args.database.path()?;
+    let _lock = lock_files(&path)?;
     let store = SqliteStore::open(&path).with_context(|| format!("opening {}", path.display()))?;
     let projector = Arc::new(Projector::spawn(&path)?);
     let notify = projector.clone();
@@ -426,6 +435,59 @@ fn create_key(
     let now = tally_engine::Clock::now(&SystemClock);
     let key = keys.insert(tally_server::generate_key(organization, !read_only, &name, now, None))?;
     println!("{}", key.secret);
+    Ok(())
+}
+
+/// Takes the lock that says a Tally process is using the database files beside `path`
+/// (held until the returned file is dropped, or the process ends). Two servers on one
+/// journal would both append to it, and a history rebuild under a running server would
+/// delete the file it writes to.
+pub(crate) fn lock_files(path: &std::path::Path) -> anyhow::Result<std::fs::File> {
+    if let Some(directory) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(directory).with_context(|| format!("creating {}", directory.display()))?;
+    }
+    let lock = path.with_extension("lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock)
+        .with_context(|| format!("opening {}", lock.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => {
+            bail!("another Tally process is using {} (it holds {})", path.display(), lock.display())
+        }
+        Err(std::fs::TryLockError::Error(error)) => Err(error).with_context(|| format!("locking {}", lock.display())),
+    }
+}
+
+fn rebuild_history(database: DatabaseArgs) -> anyhow::Result<()> {
+    let path = database.local_path()?;
+    if !path.exists() {
+        bail!("no database at {}", path.display());
+    }
+    let _lock = lock_files(&path)?;
+    let last = SqliteStore::open(&path)?.last_seq()?;
+    let history = tally_store::history_path(&path);
+    for suffix in ["", "-wal", "-shm"] {
+        let file = PathBuf::from(format!("{}{suffix}", history.display()));
+        match std::fs::remove_file(&file) {
+            Err(error) if error.kind() != std::io::ErrorKind::NotFound => {
+                return Err(error).with_context(|| format!("removing {}", file.display()));
+            }
+            _ => {}
+        }
+    }
+    let started = std::time::Instant::now();
+    let projector = Projector::spawn(&path)?;
+    projector.notify();
+    while projector.watermark() < last {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let took = started.elapsed();
+    drop(projector);
+    println!("projected {last} journal records into {} in {:.2} s", history.display(), took.as_secs_f64());
     Ok(())
 }
 
