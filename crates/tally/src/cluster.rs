@@ -100,6 +100,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let epoch = loop {
         if *stopped.borrow() {
             runtime.block_on(server)??;
+            projector.stop();
             return Ok(());
         }
         match lease.acquire_lease(&holder, lease_ms) {
@@ -125,7 +126,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .context("loading the ledger from PostgreSQL")?;
     let keys = tally_server::KeyRing::new(ApiKeys::open_postgres(&url, schema.as_deref())?)?;
     bootstrap_key(&keys, &*clock)?;
-    let state = app_state(&args, &local, engine.handle(), projector, keys, clock)?;
+    let state = app_state(&args, &local, engine.handle(), projector.clone(), keys, clock)?;
     let workers = {
         let _guard = runtime.enter();
         tally_server::spawn_workers(&state)
@@ -140,6 +141,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
     tracing::info!("shutting down: draining the engine queue");
     engine.shutdown();
     drop(mirror);
+    projector.stop();
     Ok(())
 }
 

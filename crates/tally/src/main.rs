@@ -299,7 +299,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     crate::memory::serving();
     let keys = tally_server::KeyRing::new(ApiKeys::open(&path)?)?;
     bootstrap_key(&keys, &*clock)?;
-    let state = app_state(&args, &path, engine.handle(), projector, keys, clock)?;
+    let state = app_state(&args, &path, engine.handle(), projector.clone(), keys, clock)?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async {
         let listener = tokio::net::TcpListener::bind(&args.listen)
@@ -311,6 +311,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     })?;
     tracing::info!("shutting down: draining the engine queue");
     engine.shutdown();
+    projector.stop();
     Ok(())
 }
 
@@ -470,15 +471,7 @@ fn rebuild_history(database: DatabaseArgs) -> anyhow::Result<()> {
     let _lock = lock_files(&path)?;
     let last = SqliteStore::open(&path)?.last_seq()?;
     let history = tally_store::history_path(&path);
-    for suffix in ["", "-wal", "-shm"] {
-        let file = PathBuf::from(format!("{}{suffix}", history.display()));
-        match std::fs::remove_file(&file) {
-            Err(error) if error.kind() != std::io::ErrorKind::NotFound => {
-                return Err(error).with_context(|| format!("removing {}", file.display()));
-            }
-            _ => {}
-        }
-    }
+    tally_store::remove_history(&path).with_context(|| format!("removing {}", history.display()))?;
     let started = std::time::Instant::now();
     let projector = Projector::spawn(&path)?;
     projector.notify();
