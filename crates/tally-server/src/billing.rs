@@ -12,8 +12,6 @@ use utoipa_axum::routes;
 
 /// Largest usage batch body: 10,000 events of a few hundred bytes each.
 pub const BATCH_BODY_BYTES_MAX: usize = 8 * 1024 * 1024;
-/// Most catalog objects or subscriptions one listing returns.
-const LISTED_MAX: usize = 1_000;
 /// Most usage records a summary reads, and movements a statement reads.
 const SUMMARY_RECORDS_MAX: u32 = 1_000_000;
 
@@ -279,14 +277,11 @@ pub struct ProductShape {
     pub name: String,
     pub created_at: String,
 }
-/// A merchant's products (at most 1,000; not paged).
-#[allow(dead_code)]
-#[derive(ToSchema)]
-pub struct ProductList {
-    /// Always `list`.
-    pub object: String,
-    pub data: Vec<ProductShape>,
-}
+crate::schemas::list!(
+    ProductList,
+    ProductShape,
+    "A page of a merchant's products, oldest first; `next_cursor` goes in `after`."
+);
 
 /// What a merchant measures usage in.
 #[allow(dead_code)]
@@ -307,14 +302,11 @@ pub struct MeterShape {
     pub product: Option<String>,
     pub created_at: String,
 }
-/// A merchant's meters (at most 1,000; not paged).
-#[allow(dead_code)]
-#[derive(ToSchema)]
-pub struct MeterList {
-    /// Always `list`.
-    pub object: String,
-    pub data: Vec<MeterShape>,
-}
+crate::schemas::list!(
+    MeterList,
+    MeterShape,
+    "A page of a merchant's meters, oldest first; `next_cursor` goes in `after`."
+);
 
 /// One tier of a graduated price.
 #[allow(dead_code)]
@@ -389,14 +381,11 @@ pub struct PlanShape {
     pub prices: Vec<PlanPriceShape>,
     pub created_at: String,
 }
-/// A merchant's plans, every version (at most 1,000; not paged).
-#[allow(dead_code)]
-#[derive(ToSchema)]
-pub struct PlanList {
-    /// Always `list`.
-    pub object: String,
-    pub data: Vec<PlanShape>,
-}
+crate::schemas::list!(
+    PlanList,
+    PlanShape,
+    "A page of a merchant's plans (every version), oldest first; `next_cursor` goes in `after`."
+);
 
 /// A subscription's usage of one priced meter in the current period.
 #[allow(dead_code)]
@@ -721,19 +710,33 @@ async fn create_product(AxumState(app): App, headers: HeaderMap, ApiJson(body): 
 #[derive(Deserialize)]
 struct MerchantQuery {
     merchant: Option<String>,
+    limit: Option<u32>,
+    after: Option<String>,
 }
 
-#[utoipa::path(get, path = "/v1/products", tag = "catalog", summary = "A merchant's products", params(("merchant" = Option<String>, Query, description = "the merchant (admin keys)")), responses((status = 200, description = "the merchant's products", body = ProductList), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json"), (status = "5XX", description = "problem+json: `busy`, `not_ready`, `shutting_down` or `not_leader` (503, retry after Retry-After), `provider_unavailable` (502) or `internal` (500)", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
+impl MerchantQuery {
+    /// How many of an id-ordered list (index = id - 1) the cursor `after` skips.
+    fn skip(&self, parse: fn(&str) -> Option<u64>) -> Result<usize, ApiError> {
+        match self.after.as_deref() {
+            Some(cursor) => Ok(parse_id("after", cursor, parse)? as usize),
+            None => Ok(0),
+        }
+    }
+}
+
+#[utoipa::path(get, path = "/v1/products", tag = "catalog", summary = "A merchant's products", params(("merchant" = Option<String>, Query, description = "the merchant (admin keys)"), ("limit" = Option<u32>, Query, description = "page size, default 50, at most 500"), ("after" = Option<String>, Query, description = "cursor: the last id seen (`next_cursor`)")), responses((status = 200, description = "a page of the merchant's products, oldest first", body = ProductList), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json"), (status = "5XX", description = "problem+json: `busy`, `not_ready`, `shutting_down` or `not_leader` (503, retry after Retry-After), `provider_unavailable` (502) or `internal` (500)", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn list_products(AxumState(app): App, headers: HeaderMap, Query(query): Query<MerchantQuery>) -> ApiResult {
     let caller = caller(&app, &headers)?;
     let merchant = merchant_of(&caller, query.merchant.as_deref())?;
-    let data = app
+    let after = query.skip(|text| ProductId::parse(text).map(|id| id.0))?;
+    let (data, next) = app
         .read(move |state| {
-            let products = state.products.iter().filter(|p| p.merchant == merchant).take(LISTED_MAX);
-            products.map(product_view).collect::<Vec<_>>()
+            let products = state.products.iter().skip(after).filter(|p| p.merchant == merchant);
+            let (items, next) = page(products, query.limit, |p| p.id.to_string());
+            (items.into_iter().map(product_view).collect::<Vec<_>>(), next)
         })
         .await?;
-    Ok(ok(json!({"object": "list", "data": data})))
+    Ok(ok(json!({"object": "list", "data": data, "next_cursor": next})))
 }
 
 #[derive(Deserialize, utoipa::ToSchema)]
@@ -767,16 +770,19 @@ async fn create_meter(AxumState(app): App, headers: HeaderMap, ApiJson(body): Ap
     Ok(created(view.unwrap_or(Value::Null)))
 }
 
-#[utoipa::path(get, path = "/v1/meters", tag = "catalog", summary = "A merchant's meters", params(("merchant" = Option<String>, Query, description = "the merchant (admin keys)")), responses((status = 200, description = "the merchant's meters", body = MeterList), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json"), (status = "5XX", description = "problem+json: `busy`, `not_ready`, `shutting_down` or `not_leader` (503, retry after Retry-After), `provider_unavailable` (502) or `internal` (500)", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
+#[utoipa::path(get, path = "/v1/meters", tag = "catalog", summary = "A merchant's meters", params(("merchant" = Option<String>, Query, description = "the merchant (admin keys)"), ("limit" = Option<u32>, Query, description = "page size, default 50, at most 500"), ("after" = Option<String>, Query, description = "cursor: the last id seen (`next_cursor`)")), responses((status = 200, description = "a page of the merchant's meters, oldest first", body = MeterList), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json"), (status = "5XX", description = "problem+json: `busy`, `not_ready`, `shutting_down` or `not_leader` (503, retry after Retry-After), `provider_unavailable` (502) or `internal` (500)", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn list_meters(AxumState(app): App, headers: HeaderMap, Query(query): Query<MerchantQuery>) -> ApiResult {
     let caller = caller(&app, &headers)?;
     let merchant = merchant_of(&caller, query.merchant.as_deref())?;
-    let data = app
+    let after = query.skip(|text| MeterId::parse(text).map(|id| id.0))?;
+    let (data, next) = app
         .read(move |state| {
-            state.meters.iter().filter(|m| m.merchant == merchant).take(LISTED_MAX).map(meter_view).collect::<Vec<_>>()
+            let meters = state.meters.iter().skip(after).filter(|m| m.merchant == merchant);
+            let (items, next) = page(meters, query.limit, |m| m.id.to_string());
+            (items.into_iter().map(meter_view).collect::<Vec<_>>(), next)
         })
         .await?;
-    Ok(ok(json!({"object": "list", "data": data})))
+    Ok(ok(json!({"object": "list", "data": data, "next_cursor": next})))
 }
 
 #[derive(Deserialize, utoipa::ToSchema)]
@@ -936,17 +942,19 @@ async fn create_plan(AxumState(app): App, headers: HeaderMap, ApiJson(body): Api
     Ok(created(view.unwrap_or(Value::Null)))
 }
 
-#[utoipa::path(get, path = "/v1/plans", tag = "catalog", summary = "A merchant's plans", params(("merchant" = Option<String>, Query, description = "the merchant (admin keys)")), responses((status = 200, description = "the merchant's plans", body = PlanList), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json"), (status = "5XX", description = "problem+json: `busy`, `not_ready`, `shutting_down` or `not_leader` (503, retry after Retry-After), `provider_unavailable` (502) or `internal` (500)", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
+#[utoipa::path(get, path = "/v1/plans", tag = "catalog", summary = "A merchant's plans", params(("merchant" = Option<String>, Query, description = "the merchant (admin keys)"), ("limit" = Option<u32>, Query, description = "page size, default 50, at most 500"), ("after" = Option<String>, Query, description = "cursor: the last id seen (`next_cursor`)")), responses((status = 200, description = "a page of the merchant's plans, oldest first", body = PlanList), (status = "4XX", description = "problem+json with a stable code", body = crate::error::Problem, content_type = "application/problem+json"), (status = "5XX", description = "problem+json: `busy`, `not_ready`, `shutting_down` or `not_leader` (503, retry after Retry-After), `provider_unavailable` (502) or `internal` (500)", body = crate::error::Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn list_plans(AxumState(app): App, headers: HeaderMap, Query(query): Query<MerchantQuery>) -> ApiResult {
     let caller = caller(&app, &headers)?;
     let merchant = merchant_of(&caller, query.merchant.as_deref())?;
-    let data = app
+    let after = query.skip(|text| PlanId::parse(text).map(|id| id.0))?;
+    let (data, next) = app
         .read(move |state| {
-            let plans = state.plans.iter().filter(|p| p.spec.merchant == merchant).take(LISTED_MAX);
-            plans.map(|p| plan_view(state, p)).collect::<Vec<_>>()
+            let plans = state.plans.iter().skip(after).filter(|p| p.spec.merchant == merchant);
+            let (items, next) = page(plans, query.limit, |p| p.id.to_string());
+            (items.into_iter().map(|p| plan_view(state, p)).collect::<Vec<_>>(), next)
         })
         .await?;
-    Ok(ok(json!({"object": "list", "data": data})))
+    Ok(ok(json!({"object": "list", "data": data, "next_cursor": next})))
 }
 
 /// Plans are public to every key: a consumer must see what it subscribes to.

@@ -16,6 +16,7 @@ use utoipa::ToSchema;
 macro_rules! list {
     ($name:ident, $item:ty, $doc:literal) => {
         #[doc = $doc]
+        #[allow(dead_code)]
         #[derive(ToSchema)]
         pub struct $name {
             /// Always `list`.

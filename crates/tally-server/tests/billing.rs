@@ -80,6 +80,46 @@ async fn billing(server: &Server, funds: &str) -> Billing {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn catalog_lists_are_paged_and_hold_only_the_merchants_own() {
+    let server = Server::start().await;
+    let b = billing(&server, "0").await;
+    let ids = |page: &Value| -> Vec<String> {
+        page["data"].as_array().unwrap().iter().map(|s| s["id"].as_str().unwrap().to_string()).collect()
+    };
+    // Another merchant's product lands between this merchant's.
+    let other = json!({"name": "Other", "roles": {"merchant": true, "consumer": false}});
+    let (_, other) = server.post("/v1/organizations", &server.admin, None, other).await;
+    let (_, key) = server.post("/v1/api-keys", &server.admin, None, json!({"organization": other["id"]})).await;
+    let other_key = key["secret"].as_str().unwrap().to_string();
+    let (_, theirs) = server.post("/v1/products", &other_key, None, json!({"name": "Theirs"})).await;
+    let mut mine = ids(&server.get("/v1/products", &b.merchant_key).await.1);
+    for name in ["Two", "Three"] {
+        let (status, product) = server.post("/v1/products", &b.merchant_key, None, json!({"name": name})).await;
+        assert_eq!(status, StatusCode::CREATED, "{product}");
+        mine.push(product["id"].as_str().unwrap().to_string());
+    }
+    assert_eq!(mine.len(), 3);
+    let (status, first) = server.get("/v1/products?limit=2", &b.merchant_key).await;
+    assert_eq!(status, StatusCode::OK, "{first}");
+    assert_eq!((ids(&first), first["next_cursor"].as_str()), (mine[..2].to_vec(), Some(mine[1].as_str())));
+    let (_, rest) = server.get(&format!("/v1/products?limit=2&after={}", mine[1]), &b.merchant_key).await;
+    assert_eq!((ids(&rest), rest["next_cursor"].is_null()), (mine[2..].to_vec(), true));
+    let (_, only) = server.get("/v1/products", &other_key).await;
+    assert_eq!(ids(&only), vec![theirs["id"].as_str().unwrap().to_string()]);
+    // Meters and plans page the same way.
+    let (_, meters) = server.get("/v1/meters?limit=1", &b.merchant_key).await;
+    let first_meter = ids(&meters);
+    assert_eq!((first_meter.len(), meters["next_cursor"].as_str()), (1, Some(first_meter[0].as_str())));
+    let (_, meters) = server.get(&format!("/v1/meters?after={}", first_meter[0]), &b.merchant_key).await;
+    assert_eq!((meters["data"][0]["code"].as_str(), meters["next_cursor"].is_null()), (Some("messages"), true));
+    let (_, plans) = server.get("/v1/plans?limit=1", &b.merchant_key).await;
+    assert_eq!((ids(&plans).len(), plans["next_cursor"].is_null()), (1, true));
+    let (status, bad) = server.get("/v1/plans?after=nope", &b.merchant_key).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{bad}");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subscriptions_are_listed_in_pages() {
     let server = Server::start().await;
     let b = billing(&server, "10.00").await;
