@@ -479,6 +479,14 @@ async fn run_money(app: &Arc<AppState>, caller: &Caller, headers: &HeaderMap, ac
             Command::MoveAs { actor: *organization, key, action: action.clone() }
         }
     };
+    // A release's receipt names only the hold: its currency is read first, while the
+    // hold is still active (a replay finds it in history below).
+    let mut released_currency = match action {
+        MoneyAction::ReleaseHold { hold } => {
+            app.read(move |state| state.hold(hold).and_then(|h| state.wallet(h.wallet)).map(|w| w.currency)).await?
+        }
+        _ => None,
+    };
     let receipt = app.execute(command).await?;
     let (replayed, receipt) = match receipt {
         Receipt::Replayed(reference) => {
@@ -487,7 +495,11 @@ async fn run_money(app: &Arc<AppState>, caller: &Caller, headers: &HeaderMap, ac
         }
         receipt => (false, receipt),
     };
-    let (status, body) = views::money_answer(&action, &receipt);
+    if let (None, Receipt::HoldReleased { hold, .. }) = (released_currency, &receipt) {
+        let hold = *hold;
+        released_currency = app.history(move |reader| reader.hold_currency(hold)).await?;
+    }
+    let (status, body) = views::money_answer(&action, &receipt, released_currency);
     let mut response = (StatusCode::from_u16(status).unwrap_or(StatusCode::OK), Json(body)).into_response();
     if replayed {
         response.headers_mut().insert("idempotent-replayed", HeaderValue::from_static("true"));

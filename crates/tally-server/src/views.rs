@@ -85,7 +85,10 @@ pub fn organization(organization: &Organization) -> Value {
 }
 
 /// The answer to a money-moving request, from the request and its receipt.
-pub fn money_answer(action: &MoneyAction, receipt: &Receipt) -> (u16, Value) {
+/// `released_currency`: the currency of a released hold's wallet (a release's receipt
+/// names only the hold), found by the caller; without it the amount has no fixed
+/// decimals.
+pub fn money_answer(action: &MoneyAction, receipt: &Receipt, released_currency: Option<Currency>) -> (u16, Value) {
     match (action, receipt) {
         (_, Receipt::Posted { operation: posted, grant: Some(grant) }) => {
             (201, json!({"grant": grant.to_string(), "operation": operation(posted)}))
@@ -119,7 +122,11 @@ pub fn money_answer(action: &MoneyAction, receipt: &Receipt) -> (u16, Value) {
             }),
         ),
         (_, Receipt::HoldReleased { hold, released }) => {
-            (200, json!({"hold": hold.to_string(), "status": "released", "released": released.format(0)}))
+            let released = match released_currency {
+                Some(currency) => amount(*released, currency),
+                None => released.format(0),
+            };
+            (200, json!({"hold": hold.to_string(), "status": "released", "released": released}))
         }
         (_, Receipt::GrantVoided { grant, operation: posted }) => {
             (200, json!({"grant": grant.to_string(), "status": "voided", "operation": posted.as_ref().map(operation)}))

@@ -316,6 +316,9 @@ async fn a_retried_capture_replays_its_first_answer_and_holds_are_listed() {
     assert_eq!((status, placement["id"].as_str()), (StatusCode::CREATED, Some("hld_2")), "{placement}");
     let (status, released) = server.post("/v1/holds/hld_3/release", &key, Some("rel"), json!({})).await;
     assert_eq!(status, StatusCode::OK, "{released}");
+    // The amount released is in the wallet's currency, cents and all, on the replay too.
+    let cents = released["released"].as_str().and_then(|a| a.split_once('.')).map(|(_, cents)| cents.len());
+    assert_eq!(cents, Some(2), "{released}");
     let (again_status, again) = server.post("/v1/holds/hld_3/release", &key, Some("rel"), json!({})).await;
     assert_eq!((again_status, &again), (status, &released));
     // And a credit that made a grant: found through its operation.

@@ -903,6 +903,20 @@ impl HistoryReader {
         Ok(events)
     }
 
+    /// The currency of a hold's wallet, from the directory of holds ever placed.
+    pub fn hold_currency(&self, hold: HoldId) -> Result<Option<Currency>, StoreError> {
+        let found: Option<String> = self
+            .connection
+            .query_row(
+                "SELECT w.currency FROM directory_holds h JOIN directory_wallets w ON w.wallet = h.wallet
+                 WHERE h.hold = ?1",
+                params![hold.0 as i64],
+                |row| row.get(0),
+            )
+            .optional()?;
+        Ok(found.and_then(|code| Currency::parse(&code).ok()))
+    }
+
     /// One operation with all its legs.
     pub fn operation(&self, id: OperationId) -> Result<Option<Operation>, StoreError> {
         let row: Option<(i64, String, String, i64, Vec<u8>)> = self
