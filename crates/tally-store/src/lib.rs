@@ -18,8 +18,8 @@ pub use check::{deep_check, CheckReport};
 pub use codec::{decode_commands, decode_receipts, FORMAT_VERSION};
 pub use postgres::{JournalMirror, Lease, PostgresStore};
 pub use projector::{
-    remove_history, ChargeDetail, EventFilter, EventRow, HistoryReader, Movement, MovementFilter, Projector,
-    UsageRecord, PAGE_SIZE_MAX,
+    rebuild_renumbers_events, remove_history, ChargeDetail, EventFilter, EventRow, HistoryReader, Movement,
+    MovementFilter, Projector, UsageRecord, PAGE_SIZE_MAX,
 };
 pub use snapshots::snapshot_dir;
 pub use sqlite::{encode_snapshot, history_path, SqliteStore};

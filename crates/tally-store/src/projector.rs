@@ -80,28 +80,31 @@ impl Projector {
     pub fn spawn_on_boot(path: impl AsRef<Path>, boot: Option<&str>) -> Result<Projector, StoreError> {
         let path: PathBuf = path.as_ref().to_path_buf();
         let marker = HistoryMarker(history_marker_path(&path));
-        if let Some(boot) = boot {
-            if let Some(written_on) = marker.open_on()? {
-                if written_on != boot {
-                    tracing::warn!(
-                        history = %crate::sqlite::history_path(&path).display(),
-                        "history was being written without syncs when the machine stopped; rebuilding it from the journal"
-                    );
-                    remove_history(&path)?;
-                }
+        // Written without syncs on a boot that is not this one (or on an unknown boot,
+        // when this one cannot be known): the machine stopped mid-write.
+        if let Some(written_on) = marker.open_on()? {
+            if boot != Some(written_on.as_str()) {
+                tracing::warn!(
+                    history = %crate::sqlite::history_path(&path).display(),
+                    "history was being written without syncs when the machine stopped; rebuilding it from the journal"
+                );
+                remove_history(&path)?;
             }
         }
         let mut connection = open_history(&path)?;
+        let from_start = projected_from_start(&connection)?;
+        let unsynced = boot.is_some() && from_start;
         match boot {
-            // See [`HistoryMarker`]: no syncs while the marker says which boot writes.
-            Some(boot) => {
+            // See [`HistoryMarker`]: no syncs while the marker says which boot writes, and
+            // only on a history whose rebuild numbers its events the same.
+            Some(boot) if unsynced => {
                 marker.set(&format!("open {boot}"))?;
                 connection.pragma_update(None, "synchronous", "OFF")?;
                 connection.pragma_update(None, "wal_autocheckpoint", HISTORY_CHECKPOINT_PAGES)?;
             }
             // History can be rebuilt from the journal, so the projection need not fsync
             // each commit; checkpoints sync.
-            None => connection.pragma_update(None, "synchronous", "NORMAL")?,
+            _ => connection.pragma_update(None, "synchronous", "NORMAL")?,
         }
         let start: i64 = connection.query_row("SELECT seq FROM projection WHERE id = 1", [], |row| row.get(0))?;
         let stop = Arc::new(AtomicBool::new(false));
@@ -110,7 +113,6 @@ impl Projector {
         let hurry = crossbeam_like::Sender::default();
         let thread = {
             let (stop, watermark, wake, hurry) = (stop.clone(), watermark.clone(), wake.clone(), hurry.clone());
-            let boot = boot.map(str::to_string);
             std::thread::Builder::new()
                 .name("tally-projector".into())
                 .spawn(move || {
@@ -133,7 +135,7 @@ impl Projector {
                             }
                         }
                     }
-                    if boot.is_some() {
+                    if unsynced {
                         if let Err(error) = close_history(&connection, &path, &marker) {
                             tracing::warn!(%error, "history could not be synced on close; it is rebuilt if the machine stops first");
                         }
@@ -184,6 +186,24 @@ impl Drop for Projector {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// Whether this history was projected from the journal's first record by a build that
+/// derives events, so that projecting the journal again gives every event the same id
+/// (webhook deliveries, the NATS sink and clients' cursors name events by id). A file
+/// that nothing has been projected into yet is marked so now; an older file, whose
+/// events began partway through the journal, never is: it keeps syncing, and a rebuild
+/// of it renumbers its events (`tally admin rebuild-history --renumber-events`).
+fn projected_from_start(connection: &Connection) -> Result<bool, StoreError> {
+    let (seq, from_start): (i64, bool) =
+        connection.query_row("SELECT seq, from_start FROM projection WHERE id = 1", [], |row| {
+            Ok((row.get(0)?, row.get(1)?))
+        })?;
+    if seq == 0 && !from_start {
+        connection.execute("UPDATE projection SET from_start = 1 WHERE id = 1", [])?;
+        return Ok(true);
+    }
+    Ok(from_start)
 }
 
 /// History's write pages per checkpoint. Unsynced, a checkpoint is a copy within the
@@ -237,6 +257,15 @@ fn history_marker_path(path: &Path) -> PathBuf {
 fn boot_id() -> Option<String> {
     let id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
     Some(id.trim().to_string()).filter(|id| !id.is_empty())
+}
+
+/// Whether rebuilding the history beside `path` would give its events other ids than
+/// they have (see [`projected_from_start`]); false when there is no history yet.
+pub fn rebuild_renumbers_events(path: &Path) -> Result<bool, StoreError> {
+    if !crate::sqlite::history_path(path).exists() {
+        return Ok(false);
+    }
+    Ok(!projected_from_start(&open_history(path)?)?)
 }
 
 /// Deletes the history database and its WAL (with the marker), to be projected again.
@@ -1017,10 +1046,25 @@ mod tests {
         assert_eq!(reader.projected_seq().unwrap(), 5);
         drop(projector);
 
-        // With no boot id known, history is written with syncs and no marker is kept.
-        std::fs::remove_file(history_marker_path(&path)).unwrap();
+        // With no boot id known, a marker left open means the same: rebuild.
+        mark(&path);
+        std::fs::write(history_marker_path(&path), "open boot-c\n").unwrap();
         let projector = Projector::spawn_on_boot(&path, None).unwrap();
+        projector.notify();
+        assert!(projector.wait_for(5, Duration::from_secs(30)), "history caught up");
         projector.stop();
+        assert!(!marked(&path), "history was rebuilt");
+        // And history is then written with syncs: no marker is opened.
         assert!(!history_marker_path(&path).exists());
+
+        // A history whose events began partway through the journal (an older build's)
+        // keeps syncing, since a rebuild would renumber its events; it says so.
+        assert!(!rebuild_renumbers_events(&path).unwrap());
+        let connection = Connection::open(crate::sqlite::history_path(&path)).unwrap();
+        connection.execute("UPDATE projection SET from_start = 0", []).unwrap();
+        drop(connection);
+        assert!(rebuild_renumbers_events(&path).unwrap());
+        Projector::spawn_on_boot(&path, Some("boot-d")).unwrap().stop();
+        assert_eq!(std::fs::read_to_string(history_marker_path(&path)).ok(), None, "no unsynced writes were made");
     }
 }

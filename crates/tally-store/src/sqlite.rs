@@ -139,6 +139,9 @@ pub(crate) const HISTORY_MIGRATIONS: &[&str] = &[
     CREATE INDEX usage_by_period ON usage_records (subscription, period_start);
     CREATE INDEX usage_by_operation ON usage_records (operation_id) WHERE operation_id IS NOT NULL;
     CREATE INDEX usage_unpriced_by_key ON usage_records (key) WHERE operation_id IS NULL;",
+    // Whether events were derived from the journal's first record on (see
+    // `projector::projected_from_start`): unknown for files made before, so 0.
+    "ALTER TABLE projection ADD COLUMN from_start INTEGER NOT NULL DEFAULT 0;",
 ];
 
 /// The history database's file: `tally.db` keeps its history in `tally.history.db`.
@@ -466,7 +469,8 @@ mod tests {
         let directory = tempfile::tempdir().unwrap();
         let path = directory.path().join("h.db");
         let mut connection = open_connection(&path).unwrap();
-        let before = HISTORY_MIGRATIONS.len() - 1;
+        // Every migration before the one that put usage records in charge order.
+        let before = 4;
         migrate(&mut connection, &HISTORY_MIGRATIONS[..before]).unwrap();
         let insert = "INSERT INTO usage_records (key, seq, subscription, meter, dimension, period_start, event_at,
             quantity, amount, fee, operation_id, reservation, released, balance_after)

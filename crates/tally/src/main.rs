@@ -109,6 +109,11 @@ enum AdminCommand {
     RebuildHistory {
         #[command(flatten)]
         database: DatabaseArgs,
+        /// Rebuild a history whose events began partway through the journal (made by a
+        /// build from before events existed): its events get new ids, so webhook
+        /// deliveries, the NATS sink and clients' event cursors no longer match.
+        #[arg(long)]
+        renumber_events: bool,
     },
 }
 
@@ -280,7 +285,9 @@ fn main() -> anyhow::Result<()> {
         Commands::Admin(AdminCommand::CreateKey { database, organization, name, read_only }) => {
             create_key(database, organization, name, read_only)
         }
-        Commands::Admin(AdminCommand::RebuildHistory { database }) => rebuild_history(database),
+        Commands::Admin(AdminCommand::RebuildHistory { database, renumber_events }) => {
+            rebuild_history(database, renumber_events)
+        }
     }
 }
 
@@ -463,7 +470,10 @@ pub(crate) fn lock_files(path: &std::path::Path) -> anyhow::Result<std::fs::File
     }
 }
 
-fn rebuild_history(database: DatabaseArgs) -> anyhow::Result<()> {
+/// How long a history rebuild may go without projecting anything before it gives up.
+const REBUILD_STALL_MAX: std::time::Duration = std::time::Duration::from_secs(60);
+
+fn rebuild_history(database: DatabaseArgs, renumber_events: bool) -> anyhow::Result<()> {
     let path = database.local_path()?;
     if !path.exists() {
         bail!("no database at {}", path.display());
@@ -471,12 +481,25 @@ fn rebuild_history(database: DatabaseArgs) -> anyhow::Result<()> {
     let _lock = lock_files(&path)?;
     let last = SqliteStore::open(&path)?.last_seq()?;
     let history = tally_store::history_path(&path);
+    if !renumber_events && tally_store::rebuild_renumbers_events(&path)? {
+        bail!(
+            "{}'s events began partway through the journal (an older build made it): a rebuild gives them new ids, \
+             which webhook deliveries and event cursors would no longer match; pass --renumber-events to rebuild anyway",
+            history.display()
+        );
+    }
     tally_store::remove_history(&path).with_context(|| format!("removing {}", history.display()))?;
     let started = std::time::Instant::now();
     let projector = Projector::spawn(&path)?;
     projector.notify();
+    let (mut seen, mut progressed) = (projector.watermark(), std::time::Instant::now());
     while projector.watermark() < last {
         std::thread::sleep(std::time::Duration::from_millis(10));
+        if projector.watermark() > seen {
+            (seen, progressed) = (projector.watermark(), std::time::Instant::now());
+        } else if progressed.elapsed() > REBUILD_STALL_MAX {
+            bail!("history stopped at journal record {seen} of {last} (see the log); a start of the server goes on from there");
+        }
     }
     let took = started.elapsed();
     drop(projector);
