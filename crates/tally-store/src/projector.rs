@@ -268,11 +268,16 @@ pub fn rebuild_renumbers_events(path: &Path) -> Result<bool, StoreError> {
     Ok(!projected_from_start(&open_history(path)?)?)
 }
 
+/// The history database's files: the database, its WAL and its shared-memory index.
+fn history_files(path: &Path) -> [PathBuf; 3] {
+    let history = crate::sqlite::history_path(path);
+    let beside = |suffix: &str| PathBuf::from(format!("{}{suffix}", history.display()));
+    [beside("-wal"), beside("-shm"), history]
+}
+
 /// Deletes the history database and its WAL (with the marker), to be projected again.
 pub fn remove_history(path: &Path) -> Result<(), StoreError> {
-    let history = crate::sqlite::history_path(path);
-    let wal = PathBuf::from(format!("{}-wal", history.display()));
-    let shm = PathBuf::from(format!("{}-shm", history.display()));
+    let [wal, shm, history] = history_files(path);
     for file in [history, wal, shm, history_marker_path(path)] {
         match std::fs::remove_file(&file) {
             Err(error) if error.kind() != std::io::ErrorKind::NotFound => return Err(error.into()),
@@ -286,8 +291,8 @@ pub fn remove_history(path: &Path) -> Result<(), StoreError> {
 /// which is fine), then both files synced whatever SQLite wrote to them.
 fn close_history(connection: &Connection, path: &Path, marker: &HistoryMarker) -> Result<(), StoreError> {
     connection.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
-    let history = crate::sqlite::history_path(path);
-    for file in [PathBuf::from(format!("{}-wal", history.display())), history] {
+    let [wal, _, history] = history_files(path);
+    for file in [wal, history] {
         match std::fs::File::open(&file) {
             Ok(open) => open.sync_all()?,
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
